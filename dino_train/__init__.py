@@ -1,0 +1,1 @@
+"""DINO self-supervised pretraining of Vision Transformers."""

@@ -1,0 +1,149 @@
+"""Checkpoints in the original release's layout, written atomically, with a rolling history for resume.
+
+Layout (all plain tensors, numbers, strings and dicts, so ``torch.load(weights_only=True)`` reads it):
+``student`` (``module.backbone.*``, ``module.head.*``, as a DDP student is saved), ``teacher``
+(``backbone.*``, ``head.*``), ``optimizer``, ``epoch``, ``dino_loss`` ({"center"}), ``fp16_scaler`` (fp16
+only), and ours: ``step``, ``batch_in_epoch``, ``world_size``, ``config``, ``format_version``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+LATEST = "checkpoint.pth"
+BACKBONE_EXPORT = "teacher_backbone.pth"
+FORMAT_VERSION = 1
+_NUMBERED = re.compile(r"^checkpoint-step(\d{8})\.pth$")
+REQUIRED_KEYS = ("student", "teacher", "optimizer", "epoch", "dino_loss")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read; the message names the file."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A crash or a full disk leaves the previous file at ``path`` untouched.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write {path}: {err}; the previous file there is intact") from err
+    _fsync_dir(path.parent)
+    return path
+
+
+def _atomic_alias(src: Path, dst: Path) -> None:
+    """Make ``dst`` name the same content as ``src``: a hard link where the file system allows it."""
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def with_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {prefix + k: v for k, v in state.items()}
+
+
+def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Remove ``prefix`` from the start of keys only (the release's str.replace also hit key middles)."""
+    return {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in state.items()}
+
+
+def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read one of our checkpoints; raise CheckpointError naming the file if it is not one."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated zip, not a torch file, pickled objects, ...
+        raise CheckpointError(f"{path} is not a readable checkpoint: {type(err).__name__}: {err}") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint dict")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a DINO training checkpoint: missing {', '.join(missing)}")
+    return state
+
+
+class CheckpointManager:
+    """Numbered checkpoints ``checkpoint-stepNNNNNNNN.pth``, the last ``keep_last`` kept, ``checkpoint.pth``
+    naming the newest (the file the release's tools look for), and ``checkpoint{epoch:04}.pth`` kept forever
+    every ``saveckp_freq`` epochs."""
+
+    def __init__(self, output_dir: str | Path, keep_last: int = 3):
+        self.dir = Path(output_dir)
+        self.keep_last = keep_last
+
+    def numbered(self) -> list[tuple[int, Path]]:
+        found = []
+        for p in self.dir.glob("checkpoint-step*.pth"):
+            m = _NUMBERED.match(p.name)
+            if m:
+                found.append((int(m.group(1)), p))
+        return sorted(found)
+
+    def save(self, state: dict[str, Any], step: int, keep_epoch: int | None = None) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = atomic_save(state, self.dir / f"checkpoint-step{step:08d}.pth")
+        _atomic_alias(path, self.dir / LATEST)
+        if keep_epoch is not None:
+            _atomic_alias(path, self.dir / f"checkpoint{keep_epoch:04d}.pth")
+        _fsync_dir(self.dir)
+        for _, old in self.numbered()[: -self.keep_last]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], Path] | None:
+        """The newest checkpoint that reads back whole; a corrupt newest one is reported and skipped."""
+        candidates = [p for _, p in reversed(self.numbered())]
+        if not candidates and (self.dir / LATEST).exists():
+            candidates = [self.dir / LATEST]
+        errors = []
+        for path in candidates:
+            try:
+                return load_file(path, map_location), path
+            except CheckpointError as err:
+                errors.append(str(err))
+                warnings.warn(f"{err}; trying the checkpoint before it", stacklevel=2)
+        if errors:
+            raise CheckpointError(
+                "no readable checkpoint in " + str(self.dir) + ":\n  " + "\n  ".join(errors)
+            )
+        return None
+
+
+def export_backbone(model: nn.Module, path: str | Path) -> Path:
+    """Backbone weights alone, keyed like the release's ``dino_deitsmall16_pretrain.pth``."""
+    return atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)

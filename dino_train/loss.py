@@ -1,0 +1,106 @@
+"""DINO's cross-entropy over crop pairs and the centering of the teacher (pure tensor functions).
+
+The reduction across processes is injected (``all_reduce_sum``), so the maths runs and is tested
+without a process group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DinoLossTerms(NamedTuple):
+    total: torch.Tensor  # the loss that is optimised: mean over all (teacher, student) pairs
+    global_global: torch.Tensor  # mean over the two global-global pairs
+    global_local: torch.Tensor  # mean over the global-local pairs (nan without local crops)
+
+
+def dino_loss(
+    student_out: torch.Tensor,
+    teacher_out: torch.Tensor,
+    center: torch.Tensor,
+    n_crops: int,
+    student_temp: float,
+    teacher_temp: float,
+) -> DinoLossTerms:
+    """Cross-entropy between the centred, sharpened teacher and the student, over crop pairs.
+
+    Args:
+        student_out: (n_crops * B, K) student logits, crops stacked as [g1, g2, l1, ..., lN].
+        teacher_out: (2 * B, K) teacher logits of the two global crops.
+        center: (1, K) running mean of teacher logits.
+
+    Every teacher global crop is paired with every student crop except the same view; each pair
+    contributes its batch mean, and the pairs are averaged (2 * (n_crops - 1) of them).
+    """
+    if n_crops < 2:
+        raise ValueError(f"DINO needs at least the two global crops, got n_crops={n_crops}")
+    batch = teacher_out.shape[0] // 2
+    if student_out.shape[0] != n_crops * batch:
+        raise ValueError(
+            f"student_out has {student_out.shape[0]} rows, expected n_crops * B = {n_crops * batch}"
+        )
+    log_p = F.log_softmax(student_out.float() / student_temp, dim=-1).view(n_crops, batch, -1)
+    q = F.softmax((teacher_out.float() - center) / teacher_temp, dim=-1).detach().view(2, batch, -1)
+
+    # Cross-entropy of each pair, batch mean: ce[t, v] = mean_b sum_k -q[t] log_p[v].
+    ce = -torch.einsum("tbk,vbk->tv", q, log_p) / batch  # (2, n_crops)
+    global_global = ce[0, 1] + ce[1, 0]
+    global_local = ce[:, 2:].sum()
+    n_local_terms = 2 * (n_crops - 2)
+    total = (global_global + global_local) / (2 * (n_crops - 1))
+    gl_mean = global_local / n_local_terms if n_local_terms else torch.full_like(total, float("nan"))
+    return DinoLossTerms(total, global_global / 2, gl_mean)
+
+
+def batch_center(
+    teacher_out: torch.Tensor, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Mean teacher logit over the rows of every process: (R, K) -> (1, K).
+
+    The row count travels with the sum, so ranks with different batch sizes still give the true mean.
+    """
+    summed = torch.cat(
+        [
+            teacher_out.float().sum(dim=0),
+            torch.tensor([teacher_out.shape[0]], dtype=torch.float32, device=teacher_out.device),
+        ]
+    )
+    if all_reduce_sum is not None:
+        summed = all_reduce_sum(summed)
+    return (summed[:-1] / summed[-1]).unsqueeze(0)
+
+
+def update_center(center: torch.Tensor, batch_mean: torch.Tensor, momentum: float) -> torch.Tensor:
+    """EMA of the teacher's mean logit: momentum * center + (1 - momentum) * batch_mean."""
+    return center * momentum + batch_mean * (1 - momentum)
+
+
+class DINOLoss(nn.Module):
+    """Holds the center buffer, so that its state dict is the original release's ``dino_loss`` entry."""
+
+    def __init__(self, out_dim: int, n_crops: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+        super().__init__()
+        self.n_crops = n_crops
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def forward(
+        self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float
+    ) -> DinoLossTerms:
+        return dino_loss(student_out, teacher_out, self.center, self.n_crops, self.student_temp, teacher_temp)
+
+    @torch.no_grad()
+    def update_center(
+        self, teacher_out: torch.Tensor, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> None:
+        """Called after the loss, so each step uses the center of the previous steps."""
+        self.center.copy_(
+            update_center(self.center, batch_center(teacher_out, all_reduce_sum), self.center_momentum)
+        )

@@ -1,0 +1,103 @@
+"""Parameter groups, optimizers, per-step values, gradient clipping and the last-layer freeze."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Two groups as in the release: [decayed, not decayed]; biases and 1-D parameters are not decayed.
+
+    Only group 0 follows the weight-decay schedule; group 1 keeps weight_decay 0.
+    """
+    decayed, not_decayed = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (not_decayed if name.endswith(".bias") or p.ndim == 1 else decayed).append(p)
+    return [{"params": decayed}, {"params": not_decayed, "weight_decay": 0.0}]
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017) as used by the release for large-batch SGD: trust ratio and weight decay
+    on parameters with more than one dimension only."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 0.0,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        eta: float = 0.001,
+    ):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 - torch's signature
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if p.ndim > 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    p_norm, u_norm = torch.norm(p), torch.norm(dp)
+                    ratio = torch.where(
+                        (p_norm > 0) & (u_norm > 0), g["eta"] * p_norm / u_norm, torch.ones_like(p_norm)
+                    )
+                    dp = dp.mul(ratio)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])
+
+
+def build_optimizer(model: nn.Module, name: str) -> torch.optim.Optimizer:
+    """lr and weight decay start at 0 and are set every step from the schedules."""
+    groups = param_groups(model)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, foreach=True)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=0.9, weight_decay=0.0, foreach=True)
+    if name == "lars":
+        return LARS(groups)
+    raise ValueError(f"optim.optimizer: unknown optimizer {name!r}")
+
+
+def apply_step_values(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = lr
+        if i == 0:  # only the decayed group follows the schedule
+            group["weight_decay"] = weight_decay
+
+
+@torch.no_grad()
+def clip_gradients(params: Iterable[torch.nn.Parameter], clip: float) -> torch.Tensor | None:
+    """Per-parameter clipping as in the release: each gradient with norm above ``clip`` is scaled to it.
+
+    Done with foreach ops and tensor coefficients, so no host sync per parameter. Returns the
+    pre-clip norms (P,) for logging, or None when there are no gradients.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return None
+    norms = torch._foreach_norm(grads)
+    if clip > 0:
+        coefs = [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms]
+        torch._foreach_mul_(grads, coefs)
+    return torch.stack(norms)
+
+
+def cancel_last_layer_grads(model: nn.Module, epoch: int, freeze_last_layer: int) -> None:
+    """During the first ``freeze_last_layer`` epochs the prototypes get no update at all (grad None
+    makes AdamW skip them: no decay, no moment update)."""
+    if epoch >= freeze_last_layer:
+        return
+    for name, p in model.named_parameters():
+        if "last_layer" in name:
+            p.grad = None

@@ -1,0 +1,20 @@
+import torch
+
+from dino_train.ema import ema_update_
+
+
+def test_momentum_one_keeps_teacher_and_zero_copies_student():
+    t = [torch.randn(3, 4), torch.randn(5)]
+    s = [torch.randn(3, 4), torch.randn(5)]
+    before = [x.clone() for x in t]
+    ema_update_(t, s, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(t, before, strict=True))
+    ema_update_(t, s, 0.0)
+    assert all(torch.equal(a, b) for a, b in zip(t, s, strict=True))
+
+
+def test_ema_by_hand():
+    t, s = [torch.tensor([1.0, 2.0])], [torch.tensor([3.0, 6.0])]
+    ema_update_(t, s, 0.75)
+    assert t[0].tolist() == [1.5, 3.0]
+    assert s[0].tolist() == [3.0, 6.0]
