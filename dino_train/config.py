@@ -181,7 +181,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build a checked Config from the schema defaults, an optional recipe yaml and key=value overrides."""
-    cfg = Config()
+    cfg = merge_into(Config(), path, overrides)
+    validate(cfg)
+    return cfg
+
+
+def merge_into(cfg: Any, path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """Merge a yaml file and ``key=value`` overrides into the dataclass instance ``cfg`` (any schema:
+    training and eval share this), checking every key and type. Returns ``cfg``."""
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -202,7 +209,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         for k in reversed(keys):
             nested = {k: nested}
         _apply(cfg, nested, "")
-    validate(cfg)
     return cfg
 
 

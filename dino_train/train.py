@@ -65,7 +65,7 @@ def train(cfg: Config) -> TrainResult:
         D.cleanup()
 
 
-def _build(cfg: Config, env: D.DistEnv, device: torch.device, precision: str) -> TrainModules:
+def build_modules(cfg: Config, env: D.DistEnv, device: torch.device, precision: str) -> TrainModules:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     m = cfg.model
     student, teacher = build_student_teacher(
@@ -159,7 +159,7 @@ def _train(cfg: Config, env: D.DistEnv, device: torch.device, precision: str) ->
         pin_memory=device.type == "cuda",
     )
     spe = sampler.batches_per_epoch
-    mods = _build(cfg, env, device, precision)
+    mods = build_modules(cfg, env, device, precision)
     sched = build_schedules(
         base_lr=scaled_lr(cfg.optim.lr, d.batch_size_per_gpu, env.world_size),
         min_lr=cfg.optim.min_lr,

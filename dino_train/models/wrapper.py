@@ -10,7 +10,7 @@ from dino_train.models.head import DINOHead
 
 
 class MultiCropWrapper(nn.Module):
-    """Holds ``backbone`` and ``head``, so weights are named ``backbone.*`` and ``head.*`` as in the release."""
+    """Holds ``backbone`` and ``head``: weights are named ``backbone.*`` and ``head.*`` as in the release."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module):
         super().__init__()

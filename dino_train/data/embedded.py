@@ -1,0 +1,248 @@
+"""The "embedded default" data set: synthetic shapes and textures, generated deterministically on the fly.
+
+Ten classes (five filled shapes, a ring, a hexagon and three periodic textures) are drawn with random
+foreground and background colours from one shared distribution, a low-frequency background texture, pixel
+noise, and random position, scale and rotation, so neither colour nor position identifies the class: a model
+must learn shape and texture. Shapes are kept large and near the centre so a 40%-area crop still shows
+the class.
+
+Layout written by :func:`generate_embedded_dataset`::
+
+    root/train/<class>/<i:05d>.png, root/val/<class>/<i:05d>.png, root/manifest.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+FORMAT_VERSION = 1
+EMBEDDED_CLASSES: tuple[str, ...] = (
+    "circle", "square", "triangle", "star", "cross", "ring", "hexagon", "stripes", "checkerboard", "dots",
+)  # fmt: skip
+_GENERATOR = "dino_train.data.embedded"
+_SPLITS = ("train", "val")
+_SUPERSAMPLE = 2  # masks are drawn at 2x and box-downsampled: cheap anti-aliasing of edges
+_MIN_LUMA_GAP = 60.0  # foreground/background luminance gap, so shapes survive RandomGrayscale
+
+
+def _luma(rgb: np.ndarray) -> float:
+    return float(0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2])
+
+
+def _colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Background and foreground RGB colours (float, 0..255), identically distributed for every class."""
+    bg = rng.integers(0, 256, size=3).astype(np.float64)
+    for _ in range(1000):
+        fg = rng.integers(0, 256, size=3).astype(np.float64)
+        if abs(_luma(fg) - _luma(bg)) >= _MIN_LUMA_GAP:
+            return bg, fg
+    return bg, 255.0 - bg  # practically unreachable; keeps the function total
+
+
+def _polygon(cx: float, cy: float, radii: Sequence[float], angles: Sequence[float], rot: float) -> list:
+    return [
+        (cx + r * math.cos(a + rot), cy + r * math.sin(a + rot)) for r, a in zip(radii, angles, strict=False)
+    ]
+
+
+def _shape_mask(name: str, rng: np.random.Generator, size: int) -> np.ndarray:
+    """One filled shape as a uint8 mask (size, size), 255 inside; ``size`` is the supersampled side."""
+    cx, cy = rng.uniform(0.36, 0.64, size=2) * size  # near the centre: a 40%-area crop still sees most of it
+    r = rng.uniform(0.24, 0.36) * size  # circumradius in pixels
+    rot = rng.uniform(0.0, 2.0 * math.pi)
+    img = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(img)
+    if name == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+    elif name == "ring":
+        inner = r * rng.uniform(0.5, 0.65)
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+        draw.ellipse((cx - inner, cy - inner, cx + inner, cy + inner), fill=0)
+    elif name in ("square", "triangle", "hexagon"):
+        n = {"square": 4, "triangle": 3, "hexagon": 6}[name]
+        scale = {"square": 1.0, "triangle": 1.15, "hexagon": 1.0}[name]  # equalise visual area a little
+        angles = [2.0 * math.pi * k / n for k in range(n)]
+        draw.polygon(_polygon(cx, cy, [r * scale] * n, angles, rot), fill=255)
+    elif name == "star":
+        angles = [math.pi * k / 5 for k in range(10)]
+        radii = [r * 1.1 if k % 2 == 0 else r * 0.45 for k in range(10)]
+        draw.polygon(_polygon(cx, cy, radii, angles, rot), fill=255)
+    elif name == "cross":
+        w = 0.33 * r  # arm half-width
+        local = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r)]
+        local += [(-x, -y) for x, y in local]  # point-symmetric second half closes the outline
+        pts = [(math.hypot(x, y), math.atan2(y, x)) for x, y in local]
+        draw.polygon(_polygon(cx, cy, [p[0] for p in pts], [p[1] for p in pts], rot), fill=255)
+    else:
+        raise ValueError(f"unknown shape class {name!r}")
+    return np.asarray(img)
+
+
+def _texture_mask(name: str, rng: np.random.Generator, size: int) -> np.ndarray:
+    """A full-image periodic texture at a random angle/phase/period; uint8 mask (size, size)."""
+    scale = size / (64 * _SUPERSAMPLE)  # periods are specified for a 64 px image
+    rot = rng.uniform(0.0, math.pi)
+    phase_u, phase_v = rng.uniform(0.0, 1.0, size=2)
+    coords = np.arange(size, dtype=np.float64)
+    yy, xx = np.meshgrid(coords, coords, indexing="ij")
+    u = xx * math.cos(rot) + yy * math.sin(rot)
+    v = -xx * math.sin(rot) + yy * math.cos(rot)
+    if name == "stripes":
+        period = rng.uniform(9.0, 16.0) * _SUPERSAMPLE * scale
+        mask = np.mod(u / period + phase_u, 1.0) < 0.5
+    elif name == "checkerboard":
+        cell = rng.uniform(6.0, 11.0) * _SUPERSAMPLE * scale
+        mask = (np.floor(u / cell + phase_u) + np.floor(v / cell + phase_v)) % 2 == 0
+    elif name == "dots":
+        period = rng.uniform(9.0, 14.0) * _SUPERSAMPLE * scale
+        radius = rng.uniform(0.22, 0.32)  # in periods
+        du = np.mod(u / period + phase_u, 1.0) - 0.5
+        dv = np.mod(v / period + phase_v, 1.0) - 0.5
+        mask = du * du + dv * dv < radius * radius
+    else:
+        raise ValueError(f"unknown texture class {name!r}")
+    return mask.astype(np.uint8) * 255
+
+
+_TEXTURES = frozenset({"stripes", "checkerboard", "dots"})
+
+
+def render_image(class_name: str, rng: np.random.Generator, image_size: int) -> Image.Image:
+    """Render one RGB image (image_size x image_size) of ``class_name`` using only ``rng`` for randomness."""
+    bg, fg = _colours(rng)
+    # Background texture: a coarse random grid upsampled bicubically gives smooth blotches (+-~20 levels).
+    coarse = np.clip(rng.normal(128.0, 24.0, size=(5, 5, 3)), 0, 255).astype(np.uint8)
+    blotches = np.asarray(Image.fromarray(coarse, "RGB").resize((image_size, image_size), Image.BICUBIC))
+    background = bg + (blotches.astype(np.float64) - 128.0)
+    side = image_size * _SUPERSAMPLE
+    draw_mask: Callable[[str, np.random.Generator, int], np.ndarray]
+    draw_mask = _texture_mask if class_name in _TEXTURES else _shape_mask
+    big = Image.fromarray(draw_mask(class_name, rng, side), "L")
+    alpha = np.asarray(big.resize((image_size, image_size), Image.BOX), dtype=np.float64)[..., None] / 255.0
+    pixels = background * (1.0 - alpha) + fg * alpha
+    pixels += rng.normal(0.0, 6.0, size=pixels.shape)  # sensor-like noise so no region is perfectly flat
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
+
+
+def _manifest(image_size: int, train_per_class: int, val_per_class: int, seed: int) -> dict:
+    return {
+        "generator": _GENERATOR,
+        "format_version": FORMAT_VERSION,
+        "image_size": image_size,
+        "train_per_class": train_per_class,
+        "val_per_class": val_per_class,
+        "seed": seed,
+        "classes": list(EMBEDDED_CLASSES),
+    }
+
+
+def _expected_files(root: Path, manifest: dict) -> list[Path]:
+    counts = {"train": manifest["train_per_class"], "val": manifest["val_per_class"]}
+    return [
+        root / s / c / f"{i:05d}.png" for s in _SPLITS for c in EMBEDDED_CLASSES for i in range(counts[s])
+    ]
+
+
+def _read_manifest(root: Path) -> dict | None:
+    try:
+        return json.loads((root / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_complete(root: Path, manifest: dict) -> bool:
+    return _read_manifest(root) == manifest and all(p.is_file() for p in _expected_files(root, manifest))
+
+
+def generate_embedded_dataset(
+    root: str | Path, image_size: int = 64, train_per_class: int = 200, val_per_class: int = 50, seed: int = 0
+) -> Path:
+    """Write the embedded data set under ``root`` (if not already there) and return ``root`` as a Path.
+
+    ``image_size`` is the side in pixels; ``*_per_class`` are image counts per class and split. Same arguments
+    give byte-identical PNGs. An existing complete data set with the same parameters is left untouched; one
+    with different parameters (ours, per its manifest) is replaced. Anything else at ``root`` is an error,
+    so a mistyped path never deletes user data.
+    """
+    if image_size < 16 or train_per_class < 1 or val_per_class < 0 or seed < 0:
+        raise ValueError(
+            f"need image_size >= 16, train_per_class >= 1, val_per_class >= 0, seed >= 0; got "
+            f"{image_size=}, {train_per_class=}, {val_per_class=}, {seed=}"
+        )
+    root = Path(root)
+    manifest = _manifest(image_size, train_per_class, val_per_class, seed)
+    if _is_complete(root, manifest):
+        return root
+    if root.exists() and not root.is_dir():
+        raise FileExistsError(
+            f"{root} exists and is not a folder; cannot generate the embedded data set there"
+        )
+    if root.is_dir() and any(root.iterdir()) and (_read_manifest(root) or {}).get("generator") != _GENERATOR:
+        raise FileExistsError(
+            f"{root} is a non-empty folder not made by {_GENERATOR}; refusing to replace it"
+        )
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # A unique hidden sibling: same filesystem (so rename is atomic), invisible to ImageDataset scans.
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        for split_idx, split in enumerate(_SPLITS):
+            count = train_per_class if split == "train" else val_per_class
+            for class_idx, name in enumerate(EMBEDDED_CLASSES):
+                folder = tmp / split / name
+                folder.mkdir(parents=True)
+                for i in range(count):
+                    rng = np.random.default_rng([seed, split_idx, class_idx, i])
+                    render_image(name, rng, image_size).save(folder / f"{i:05d}.png", format="PNG")
+        # The manifest goes in last: its presence is what marks the data set complete.
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        _swap_into_place(tmp, root, manifest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _swap_into_place(tmp: Path, root: Path, manifest: dict) -> None:
+    old = None
+    if root.exists():
+        old = root.parent / f".{root.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.rename(root, old)
+    try:
+        os.rename(tmp, root)
+    except OSError:
+        # Another process (e.g. a second rank) finished first; accept its result if it is what we wanted.
+        if not _is_complete(root, manifest):
+            raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: ``python -m dino_train.data.embedded --out data/embedded``."""
+    parser = argparse.ArgumentParser(description="Generate the synthetic embedded DINO data set.")
+    parser.add_argument("--out", default="data/embedded", help="output folder (default: data/embedded)")
+    parser.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--train-per-class", type=int, default=200)
+    parser.add_argument("--val-per-class", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    root = generate_embedded_dataset(
+        args.out, args.image_size, args.train_per_class, args.val_per_class, args.seed
+    )
+    total = len(EMBEDDED_CLASSES) * (args.train_per_class + args.val_per_class)
+    print(f"embedded data set ({total} images, {len(EMBEDDED_CLASSES)} classes) at {root.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,50 @@
+"""The pretraining data loader: multi-crop batches in a deterministic, resumable order."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.utils.data import DataLoader
+
+from dino_train.data.datasets import DataError, ImageDataset
+from dino_train.data.sampler import MultiCropDataset, ResumableSampler
+
+
+def collate_crops(items: list[tuple[list[torch.Tensor], int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """[(crops, label)] -> ([crop_0 batch (B,3,H,W), ..., crop_n batch], labels (B,))."""
+    n_crops = len(items[0][0])
+    crops = [torch.stack([it[0][c] for it in items]) for c in range(n_crops)]
+    return crops, torch.tensor([it[1] for it in items], dtype=torch.long)
+
+
+def build_pretrain_loader(
+    path: str,
+    transform: Callable,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    pin_memory: bool,
+) -> tuple[DataLoader, ResumableSampler]:
+    base = ImageDataset(path)
+    if len(base) < batch_size * world_size:
+        raise DataError(
+            f"data path {path} has {len(base)} images, fewer than one global batch of "
+            f"{batch_size} x {world_size} processes = {batch_size * world_size}; "
+            "lower data.batch_size_per_gpu"
+        )
+    sampler = ResumableSampler(len(base), world_size, rank, shuffle=True, seed=seed, batch_size=batch_size)
+    loader = DataLoader(
+        MultiCropDataset(base, transform, seed),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_crops,
+        pin_memory=pin_memory,
+        drop_last=True,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=2 if num_workers > 0 else None,
+    )
+    return loader, sampler

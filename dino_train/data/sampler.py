@@ -1,0 +1,98 @@
+"""Deterministic, resumable sampling across processes, independent of the number of loader workers."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+
+class ResumableSampler(Sampler):
+    """Each epoch a permutation seeded by ``seed + epoch``; rank r takes every ``num_replicas``-th item.
+
+    Yields ``(index, epoch)`` so the dataset can seed each sample's augmentation in whatever worker loads
+    it. ``set_start_batch(k)`` skips the first k batches of the epoch, for a mid-epoch resume.
+    """
+
+    def __init__(
+        self,
+        dataset_len: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        batch_size: int = 1,
+        drop_last: bool = True,
+    ):
+        self.n, self.replicas, self.rank = dataset_len, num_replicas, rank
+        self.shuffle, self.seed, self.batch_size, self.drop_last = shuffle, seed, batch_size, drop_last
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.start_batch = epoch, 0
+
+    def set_start_batch(self, batch_index: int) -> None:
+        self.start_batch = batch_index
+
+    @property
+    def batches_per_epoch(self) -> int:
+        per_rank = self._per_rank_len()
+        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+
+    def _per_rank_len(self) -> int:
+        chunk = self.replicas * self.batch_size
+        if self.drop_last:
+            return (self.n // chunk) * self.batch_size
+        return -(-self.n // self.replicas)
+
+    def _epoch_indices(self) -> list[int]:
+        if self.shuffle:
+            perm = torch.randperm(
+                self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)
+            ).tolist()
+        else:
+            perm = list(range(self.n))
+        total = self._per_rank_len() * self.replicas
+        if total > len(perm):  # pad by wrapping around, so every rank gets as many items
+            perm = (perm * (total // len(perm) + 1))[:total]
+        return perm[:total][self.rank :: self.replicas]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = self._epoch_indices()[self.start_batch * self.batch_size :]
+        return iter([(i, self.epoch) for i in indices])
+
+    def __len__(self) -> int:
+        return max(self._per_rank_len() - self.start_batch * self.batch_size, 0)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return ((seed * 1_000_003 + epoch) * 1_000_033 + index) % (2**63)
+
+
+class MultiCropDataset(Dataset):
+    """Wraps a dataset of ``(PIL image, label)``; items are keyed by ``(index, epoch)`` and augmented with
+    the global RNGs seeded from (seed, epoch, index), restored afterwards. The same sample therefore gets
+    the same crops whatever worker loads it, and again after a resume."""
+
+    def __init__(self, base: Dataset, transform: Callable[[Any], list[torch.Tensor]], seed: int = 0):
+        self.base, self.transform, self.seed = base, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], int]:
+        index, epoch = key
+        img, label = self.base[index]
+        s = sample_seed(self.seed, epoch, index)
+        py_state = random.getstate()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(s)
+                random.seed(s)
+                crops = self.transform(img)
+        finally:
+            random.setstate(py_state)
+        return crops, label

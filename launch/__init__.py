@@ -1,0 +1,1 @@
+"""Launchers: the demo, Slurm submission through submitit."""
