@@ -61,7 +61,8 @@ def train_step(
         with torch.no_grad():
             teacher_out = m.teacher(crops[:2])  # the teacher sees the global crops only
         student_out = m.student(crops)
-        terms = m.dino_loss(student_out, teacher_out, values.teacher_temp)
+    # The loss runs outside autocast: its softmaxes and sums over 65k prototypes need fp32.
+    terms = m.dino_loss(student_out, teacher_out, values.teacher_temp)
 
     m.optimizer.zero_grad(set_to_none=True)
     if m.scaler is not None:

@@ -227,7 +227,9 @@ def _train(cfg: Config, env: D.DistEnv, device: torch.device, precision: str) ->
         sampler.set_start_batch(first)
         t_prev = time.perf_counter()
         epoch_done = False
-        for batch, (crops, _labels) in enumerate(loader, start=first):
+        skipped_files = 0
+        for batch, (crops, _labels, skipped) in enumerate(loader, start=first):
+            skipped_files += skipped
             t_data = time.perf_counter() - t_prev
             crops = [c.to(device, non_blocking=True) for c in crops]
             torch.manual_seed(step_seed(cfg.train.seed, env.rank, step))
@@ -268,6 +270,11 @@ def _train(cfg: Config, env: D.DistEnv, device: torch.device, precision: str) ->
                 save(epoch, batch + 1)
             if finished:
                 break
+        if skipped_files:
+            monitor.message(f"epoch {epoch}: skipped {skipped_files} unreadable image(s) on rank {env.rank}")
+        if env.is_main:
+            monitor.record("epoch", step, {"epoch": epoch, "skipped_files": skipped_files})
+            monitor.scalars(step, {"skipped_files": skipped_files})
         if epoch_done:
             keep = epoch + 1 if cfg.train.saveckp_freq and (epoch + 1) % cfg.train.saveckp_freq == 0 else None
             save(epoch + 1, 0, keep)

@@ -98,10 +98,10 @@ def test_multicrop_dataset_is_seeded_per_sample_and_leaves_rng_alone(tmp_path):
     )
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    x1, _ = ds[(3, 0)]
+    x1, _, _ = ds[(3, 0)]
     assert torch.equal(torch.get_rng_state(), state)
-    x2, _ = ds[(3, 0)]
-    x3, _ = ds[(3, 1)]
+    x2, _, _ = ds[(3, 0)]
+    x3, _, _ = ds[(3, 1)]
     assert all(torch.equal(p, q) for p, q in zip(x1, x2, strict=True))
     assert not all(torch.equal(p, q) for p, q in zip(x1, x3, strict=True))
 
@@ -115,7 +115,7 @@ def test_loader_same_batches_whatever_the_workers(tmp_path):
         sampler.set_epoch(2)
         batches.append(list(loader))
     assert len(batches[0]) == 5
-    for (c0, l0), (c1, l1) in zip(*batches, strict=True):
+    for (c0, l0, _), (c1, l1, _) in zip(*batches, strict=True):
         assert torch.equal(l0, l1)
         assert all(torch.equal(a, b) for a, b in zip(c0, c1, strict=True))
 

@@ -59,8 +59,10 @@ def test_run_outputs_and_checkpoint_layout(tiny_data, tmp_path):
     backbone = torch.load(out / "teacher_backbone.pth", weights_only=True)
     assert "cls_token" in backbone and not any(k.startswith(("backbone.", "head.")) for k in backbone)
     assert (out / "config.yaml").is_file()
-    lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    lines = [x for x in records if x["kind"] == "step"]
     assert [x["step"] for x in lines] == [1, 2, 3, 4, 5]
+    assert [x["skipped_files"] for x in records if x["kind"] == "epoch"] == [0]
     assert all(x["loss"] > 0 and x["images_per_s"] > 0 for x in lines)
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 

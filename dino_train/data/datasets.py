@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -15,6 +16,34 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 
 class DataError(ValueError):
     """A data set that cannot be used; the message names the path."""
+
+
+# What a broken or hostile file raises while being opened or decoded: we skip such files, never crash.
+UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: 16-bit and float images are rescaled (PIL would clip them), transparent
+    pixels are put on white, palette, grayscale and CMYK are converted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = (0.0, 65535.0) if img.mode.startswith("I;16") else (float(arr.min()), float(arr.max()))
+        arr = (arr - lo) * (255.0 / max(hi - lo, 1e-12))
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return img.convert("RGB")
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Open and fully decode ``path`` as RGB; raises one of ``UNREADABLE`` for a bad file."""
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(img)
 
 
 def _is_image(p: Path) -> bool:
@@ -63,6 +92,5 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
-        with Image.open(path) as img:
-            img = img.convert("RGB")
+        img = load_rgb(path)
         return (self.transform(img) if self.transform is not None else img), label

@@ -7,15 +7,33 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import DataLoader
 
-from dino_train.data.datasets import DataError, ImageDataset
+from dino_train.data.datasets import UNREADABLE, DataError, ImageDataset, load_rgb
 from dino_train.data.sampler import MultiCropDataset, ResumableSampler
 
 
-def collate_crops(items: list[tuple[list[torch.Tensor], int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """[(crops, label)] -> ([crop_0 batch (B,3,H,W), ..., crop_n batch], labels (B,))."""
+def collate_crops(
+    items: list[tuple[list[torch.Tensor], int, int]],
+) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+    """[(crops, label, skipped)] -> ([crop_0 batch (B,3,H,W), ..., crop_n batch], labels (B,), skipped)."""
     n_crops = len(items[0][0])
     crops = [torch.stack([it[0][c] for it in items]) for c in range(n_crops)]
-    return crops, torch.tensor([it[1] for it in items], dtype=torch.long)
+    return crops, torch.tensor([it[1] for it in items], dtype=torch.long), sum(it[2] for it in items)
+
+
+def probe_readable(dataset: ImageDataset, n: int = 32) -> None:
+    """Read up to ``n`` files spread over the data set; none readable is an error before training starts."""
+    step = max(len(dataset.samples) // n, 1)
+    tried = dataset.samples[::step][:n]
+    errors = []
+    for path, _ in tried:
+        try:
+            load_rgb(path)
+            return
+        except UNREADABLE as err:
+            errors.append(f"{path}: {type(err).__name__}: {err}")
+    raise DataError(
+        f"none of {len(tried)} images tried in {dataset.root} could be read:\n  " + "\n  ".join(errors[:5])
+    )
 
 
 def build_pretrain_loader(
@@ -29,6 +47,7 @@ def build_pretrain_loader(
     pin_memory: bool,
 ) -> tuple[DataLoader, ResumableSampler]:
     base = ImageDataset(path)
+    probe_readable(base)
     if len(base) < batch_size * world_size:
         raise DataError(
             f"data path {path} has {len(base)} images, fewer than one global batch of "

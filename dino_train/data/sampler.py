@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset, Sampler
+
+from dino_train.data.datasets import UNREADABLE, DataError
+
+# A sample that cannot be read is replaced by the next one; this many failures in a row is an error.
+MAX_REPLACEMENTS = 64
 
 
 class ResumableSampler(Sampler):
@@ -83,9 +89,26 @@ class MultiCropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], int]:
+    def _load(self, index: int) -> tuple[Any, int, int]:
+        """``(image, label, files skipped)``: an unreadable file is reported and the next one taken."""
+        n = len(self)
+        for skipped in range(min(MAX_REPLACEMENTS, n)):
+            i = (index + skipped) % n
+            try:
+                img, label = self.base[i]
+                return img, label, skipped
+            except UNREADABLE as err:
+                name = getattr(self.base, "samples", None)
+                where = name[i][0] if name is not None else f"item {i}"
+                warnings.warn(f"skipping unreadable image {where}: {type(err).__name__}: {err}", stacklevel=2)
+        raise DataError(
+            f"{min(MAX_REPLACEMENTS, n)} unreadable images in a row from item {index}: is the data broken?"
+        )
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], int, int]:
+        """``(crops, label, unreadable files skipped to get this sample)``."""
         index, epoch = key
-        img, label = self.base[index]
+        img, label, skipped = self._load(index)
         s = sample_seed(self.seed, epoch, index)
         py_state = random.getstate()
         try:
@@ -95,4 +118,4 @@ class MultiCropDataset(Dataset):
                 crops = self.transform(img)
         finally:
             random.setstate(py_state)
-        return crops, label
+        return crops, label, skipped

@@ -1,0 +1,122 @@
+"""What the evaluation tools share: the backbone flags, process setup, class folders, result output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dino_train.data import DataError, ImageDataset
+from dino_train.distributed import DistEnv, detect_env, init_distributed, resolve_device
+
+
+def add_backbone_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("backbone")
+    g.add_argument("--checkpoint", help="our checkpoint.pth / teacher_backbone.pth, or a release .pth file")
+    g.add_argument("--checkpoint-key", default="teacher", help="teacher or student, for full checkpoints")
+    g.add_argument(
+        "--arch",
+        help="vit_tiny|vit_small|vit_base (checked against the checkpoint), or timm:<model name> + --weights",
+    )
+    g.add_argument("--patch-size", type=int, help="checked against the checkpoint's patch size")
+    g.add_argument("--weights", help="local weights file for --arch timm:<name> (nothing is downloaded)")
+    g.add_argument("--non-strict", action="store_true", help="load the weights that fit and report the rest")
+
+
+def backbone_from_args(args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any]]:
+    """Load the backbone the flags name; errors are CheckpointError with a readable message."""
+    from eval.loading import load_backbone
+
+    strict = not args.non_strict
+    if args.arch and args.arch.startswith("timm:"):
+        weights = args.weights or args.checkpoint  # either flag may name the timm weights file
+        return load_backbone(args.arch, args.checkpoint_key, strict=strict, weights=weights)
+    if not args.checkpoint:
+        raise SystemExit("error: give --checkpoint PATH, or --arch timm:NAME --weights FILE")
+    return load_backbone(args.checkpoint, args.checkpoint_key, args.arch, args.patch_size, strict=strict)
+
+
+def setup_process(device: str) -> tuple[DistEnv, torch.device]:
+    """Join the torchrun/Slurm process group if there is one; pick the device for this rank."""
+    env = detect_env()
+    dev = resolve_device(device, env.local_rank)
+    init_distributed(env, dev)
+    return env, dev
+
+
+@dataclass
+class ClassFolders:
+    """A ``train/`` + ``val/`` class-folder pair with one class list for both (train's classes first)."""
+
+    train: Any  # ImageDataset
+    val: Any
+    classes: list[str]
+    missing_from_train: list[str]  # val classes with no training images: never predicted correctly
+
+    def remap(self, dataset: Any, labels: torch.Tensor) -> torch.Tensor:
+        """Labels indexing ``dataset.classes`` -> labels indexing ``self.classes``."""
+        index = {c: i for i, c in enumerate(self.classes)}
+        table = torch.tensor([index[c] for c in dataset.classes], dtype=torch.long)
+        return table[labels.long()]
+
+
+def class_folders(train_root: str | Path, val_root: str | Path, train_tf: Any, val_tf: Any) -> ClassFolders:
+    """Open both splits. Classes present in val but not in train are warned about, not fatal."""
+    train = ImageDataset(train_root, train_tf)
+    val = ImageDataset(val_root, val_tf)
+    for split in (train, val):
+        if not split.classes:
+            raise DataError(f"{split.root} holds images but no class sub-folders; evaluation needs labels")
+    classes = list(train.classes)
+    missing = [c for c in val.classes if c not in set(train.classes)]
+    if missing:
+        warnings.warn(
+            f"{len(missing)} val classes have no training images (never predicted): {', '.join(missing)}",
+            stacklevel=2,
+        )
+    return ClassFolders(train, val, classes + missing, missing)
+
+
+def split_roots(data: str | Path) -> tuple[Path, Path]:
+    root = Path(data)
+    train, val = root / "train", root / "val"
+    for split in (train, val):
+        if not split.is_dir():
+            raise SystemExit(f"error: {split} is not a folder; --data needs train/ and val/ class folders")
+    return train, val
+
+
+def print_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """Print and return a plain aligned table; floats get two decimals."""
+    cells = [[f"{c:.2f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write through a temporary file so a reader never sees half a result."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def write_scalars(output_dir: Path, points: list[tuple[str, float, int]]) -> None:
+    """TensorBoard scalars (tag, value, step) under ``output_dir/tensorboard``, in one event file."""
+    from torch.utils.tensorboard import SummaryWriter  # slow import; only when results are written
+
+    with SummaryWriter(log_dir=str(output_dir / "tensorboard")) as writer:
+        for tag, value, step in points:
+            writer.add_scalar(tag, value, step)

@@ -1,0 +1,199 @@
+"""``eval_knn``: weighted k-NN accuracy of a frozen backbone on a train/val class-folder data set.
+
+    eval_knn --checkpoint runs/dino/checkpoint.pth --data /data/imagenet --output-dir runs/knn
+    torchrun --nproc_per_node=2 -m eval.knn_eval --checkpoint dino_deitsmall16_pretrain.pth --data ...
+
+Features are the final-norm CLS token after Resize(256, bicubic) + CenterCrop(224), as in the release.
+Extraction is shared between processes under torchrun; the (cheap, faiss) classification runs on rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dino_train.checkpoint import CheckpointError, atomic_save
+from dino_train.data import DataError, eval_transform
+from dino_train.distributed import barrier, cleanup
+from dino_train.features import extract_features
+from dino_train.knn import knn_classify
+from eval.common import (
+    ClassFolders,
+    add_backbone_args,
+    backbone_from_args,
+    class_folders,
+    print_table,
+    setup_process,
+    split_roots,
+    write_json,
+    write_scalars,
+)
+
+FEATURES_FILE = "knn_features.pth"
+RESULTS_FILE = "knn_results.json"
+
+
+def extract_bank(
+    backbone: nn.Module,
+    data: ClassFolders,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device | str,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Features and labels of both splits: train_feats (N, D), train_labels (N,), val_feats (M, D),
+    val_labels (M,), labels indexing ``classes`` (shared by both splits)."""
+    backbone = backbone.to(device)
+    bank: dict[str, Any] = {"classes": data.classes, "missing_from_train": data.missing_from_train}
+    for split, ds in (("train", data.train), ("val", data.val)):
+        feats, labels = extract_features(backbone, ds, batch_size, num_workers, device, progress=progress)
+        bank[f"{split}_feats"] = feats
+        bank[f"{split}_labels"] = data.remap(ds, labels)
+    return bank
+
+
+def evaluate_knn(
+    backbone: nn.Module,
+    train_root: str | Path,
+    val_root: str | Path,
+    ks: Sequence[int] = (10, 20, 100, 200),
+    temperature: float = 0.07,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    resize: int = 256,
+    crop: int = 224,
+    device: torch.device | str = "cpu",
+) -> dict[int, tuple[float, float]]:
+    """{k: (top-1 %, top-5 %)} of ``backbone``'s features on ``val_root`` with ``train_root`` as the bank."""
+    tf = eval_transform(resize=resize, crop=crop)
+    data = class_folders(train_root, val_root, tf, tf)
+    bank = extract_bank(backbone, data, batch_size, num_workers, device, progress=False)
+    return classify_bank(bank, ks, temperature)
+
+
+def classify_bank(
+    bank: dict[str, Any], ks: Sequence[int], temperature: float
+) -> dict[int, tuple[float, float]]:
+    return knn_classify(
+        bank["train_feats"],
+        bank["train_labels"],
+        bank["val_feats"],
+        bank["val_labels"],
+        num_classes=len(bank["classes"]),
+        ks=ks,
+        temperature=temperature,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="eval_knn", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    add_backbone_args(p)
+    p.add_argument("--data", help="folder with train/ and val/ class folders")
+    p.add_argument("--ks", type=int, nargs="+", default=[10, 20, 100, 200])
+    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--resize", type=int, default=256)
+    p.add_argument("--crop", type=int, default=224)
+    p.add_argument("--dump-features", metavar="DIR", help=f"save the features to DIR/{FEATURES_FILE}")
+    p.add_argument("--load-features", metavar="DIR", help="reuse features saved by --dump-features")
+    p.add_argument("--output-dir", help=f"write {RESULTS_FILE} and TensorBoard scalars here")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _summary(info: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in info.items() if k not in ("ignored_keys", "missing_keys", "unexpected_keys")}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    env, device = setup_process(args.device)
+    try:
+        start = time.perf_counter()
+        if args.load_features:
+            bank = _load_bank(Path(args.load_features) / FEATURES_FILE)
+            info = bank.get("backbone", {})
+        else:
+            if not args.data:
+                raise SystemExit("error: give --data (or --load-features DIR)")
+            backbone, info = backbone_from_args(args)
+            if env.is_main:
+                print(f"backbone: {info['arch']} from {info['path']} ({info['source']})", flush=True)
+            tf = eval_transform(resize=args.resize, crop=args.crop)
+            data = class_folders(*split_roots(args.data), tf, tf)
+            bank = extract_bank(
+                backbone, data, args.batch_size, args.num_workers, device, not args.no_progress
+            )
+            bank["backbone"] = _summary(info)
+        seconds = time.perf_counter() - start
+        if args.dump_features and env.is_main:
+            Path(args.dump_features).mkdir(parents=True, exist_ok=True)
+            atomic_save(bank, Path(args.dump_features) / FEATURES_FILE)
+        if env.is_main:
+            results = classify_bank(bank, args.ks, args.temperature)
+            _report(args, bank, info, results, seconds, env.world_size)
+        barrier()
+    except (CheckpointError, DataError) as err:
+        raise SystemExit(f"error: {err}") from None
+    finally:
+        cleanup()
+    return 0
+
+
+def _load_bank(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise SystemExit(f"error: no saved features at {path}; write them first with --dump-features")
+    bank = torch.load(path, map_location="cpu", weights_only=True)
+    needed = ("train_feats", "train_labels", "val_feats", "val_labels", "classes")
+    missing = [k for k in needed if k not in bank]
+    if missing:
+        raise SystemExit(f"error: {path} lacks {', '.join(missing)}; it was not written by --dump-features")
+    return bank
+
+
+def _report(
+    args: argparse.Namespace,
+    bank: dict[str, Any],
+    info: dict[str, Any],
+    results: dict[int, tuple[float, float]],
+    seconds: float,
+    world: int,
+) -> None:
+    n, m, c = len(bank["train_labels"]), len(bank["val_labels"]), len(bank["classes"])
+    print(f"k-NN on {n} train / {m} val images, {c} classes, T={args.temperature}")
+    print_table(["k", "top-1", "top-5"], [[k, t1, t5] for k, (t1, t5) in results.items()])
+    if not args.output_dir:
+        return
+    out = Path(args.output_dir)
+    write_json(
+        out / RESULTS_FILE,
+        {
+            "results": {str(k): {"top1": t1, "top5": t5} for k, (t1, t5) in results.items()},
+            "temperature": args.temperature,
+            "num_train": n,
+            "num_val": m,
+            "num_classes": c,
+            "missing_from_train": bank.get("missing_from_train", []),
+            "backbone": _summary(info),
+            "features_seconds": seconds,
+            "features_loaded": bool(args.load_features),
+            "world_size": world,
+        },
+    )
+    scalars = [(f"knn/top1_k{k}", t1, 0) for k, (t1, _) in results.items()]
+    write_scalars(out, scalars + [(f"knn/top5_k{k}", t5, 0) for k, (_, t5) in results.items()])
+    print(f"results in {out / RESULTS_FILE}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
