@@ -21,7 +21,7 @@ from dino_train.config import load_config
 from dino_train.distributed import DistEnv
 from dino_train.engine import train_step
 from dino_train.schedules import StepValues
-from dino_train.train import build_modules
+from dino_train.build import build_modules
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -92,6 +92,8 @@ class TrainConfig:
     log_every_steps: int = 10
     max_steps: int = 0  # stop (with a checkpoint) after this many optimizer steps in total; 0 = no limit
     max_nonfinite_steps: int = 10  # consecutive skipped non-finite steps before the run stops
+    # How long a rank waits in a collective for a dead or hung peer before the run stops with an error.
+    dist_timeout_s: float = 1800.0
     resume: bool = True
     progress_bar: bool = True
 
@@ -339,6 +341,7 @@ def validate(cfg: Config) -> None:
     _check(t.keep_last >= 1, "train.keep_last", f"must be at least 1, got {t.keep_last}")
     _check(t.log_every_steps >= 1, "train.log_every_steps", f"must be at least 1, got {t.log_every_steps}")
     _check(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be at least 1")
+    _check(t.dist_timeout_s > 0, "train.dist_timeout_s", f"must be positive, got {t.dist_timeout_s}")
 
 
 def scaled_lr(lr: float, batch_size_per_gpu: int, world_size: int) -> float:

@@ -39,9 +39,13 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
             return 0
-        from dino_train.train import train
+        from dino_train.train import NonFiniteError, PeerError, train
 
-        train(cfg)
+        try:
+            train(cfg)
+        except (NonFiniteError, PeerError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 3
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

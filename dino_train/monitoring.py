@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from dino_train.engine import StepOutput
+from dino_train.schedules import StepValues
 
 
 class Monitor:
@@ -67,3 +71,36 @@ class Monitor:
         self.bar.close()
         self.writer.close()
         self.log_file.close()
+
+
+def log_step(
+    monitor: Monitor,
+    res: StepOutput,
+    values: StepValues,
+    step: int,
+    epoch: int,
+    t_data: float,
+    t_step: float,
+    total_batch: int,
+) -> float:
+    """Read the step's scalars (the only host syncs of the loop) and log them; returns the loss."""
+    loss = res.loss.item()
+    scalars = {
+        "loss": loss,
+        "loss_global_global": res.loss_global_global.item(),
+        "loss_global_local": res.loss_global_local.item(),
+        "lr": values.lr,
+        "weight_decay": values.weight_decay,
+        "momentum": values.momentum,
+        "teacher_temp": values.teacher_temp,
+        "grad_norm": res.grad_norm.item(),
+        "images_per_s": total_batch / max(t_step, 1e-9),
+        "step_time_s": t_step,
+        "data_time_s": t_data,
+    }
+    monitor.scalars(step, scalars)
+    monitor.record(
+        "step", step, {"epoch": epoch, **{k: (v if math.isfinite(v) else None) for k, v in scalars.items()}}
+    )
+    monitor.advance(0, {"loss": f"{loss:.4f}", "img/s": f"{scalars['images_per_s']:.1f}", "ep": str(epoch)})
+    return loss

@@ -3,37 +3,31 @@ single process, torchrun and Slurm."""
 
 from __future__ import annotations
 
-import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from dino_train import distributed as D
-from dino_train.checkpoint import (
-    BACKBONE_EXPORT,
-    CheckpointError,
-    CheckpointManager,
-    export_backbone,
-    strip_prefix,
-    with_prefix,
-)
-from dino_train.config import Config, save_config, scaled_lr, to_dict
-from dino_train.data import MultiCropAugmentation, build_pretrain_loader
-from dino_train.engine import StepOutput, TrainModules, train_step
-from dino_train.loss import DINOLoss
-from dino_train.models import build_student_teacher
-from dino_train.monitoring import Monitor
-from dino_train.optim import build_optimizer
-from dino_train.precision import make_scaler, resolve_precision
-from dino_train.schedules import build_schedules
+from dino_train.build import build_loader, build_modules, build_run_schedules
+from dino_train.checkpoint import BACKBONE_EXPORT, CheckpointManager, export_backbone
+from dino_train.config import Config, save_config
+from dino_train.engine import train_step
+from dino_train.monitoring import Monitor, log_step
+from dino_train.precision import resolve_precision
+from dino_train.run_state import checkpoint_state, restore, resume_point
+from dino_train.signals import StopSignals
 
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with non-finite gradients."""
+
+
+class PeerError(RuntimeError):
+    """Another process of the run died or stopped answering."""
 
 
 @dataclass
@@ -45,6 +39,7 @@ class TrainResult:
     student: nn.Module
     center: torch.Tensor
     last_loss: float | None
+    stopped_by: str | None = None  # the signal's name when a stop request ended the run early
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -58,122 +53,50 @@ def train(cfg: Config) -> TrainResult:
     precision = resolve_precision(cfg.train.precision, device)  # may reject fp16 on CPU: before any compute
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    D.init_distributed(env, device)
+    D.init_distributed(env, device, cfg.train.dist_timeout_s)
+    stop = StopSignals()
     try:
-        return _train(cfg, env, device, precision)
+        with stop:
+            result = _train(cfg, env, device, precision, stop)
+    except RuntimeError as err:
+        if env.world_size == 1 or not _is_peer_failure(err):
+            raise
+        raise PeerError(
+            f"rank {env.rank}: a collective with the other {env.world_size - 1} process(es) failed or timed"
+            f" out after train.dist_timeout_s={cfg.train.dist_timeout_s:g} s; another rank died or hangs. "
+            f"The last complete checkpoint in {cfg.train.output_dir} is intact. ({type(err).__name__}: {err})"
+        ) from err
     finally:
         D.cleanup()
+    if result.stopped_by is not None:
+        stop.hand_on()  # e.g. submitit's handler, which requeues the job
+    return result
 
 
-def build_modules(cfg: Config, env: D.DistEnv, device: torch.device, precision: str) -> TrainModules:
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    m = cfg.model
-    student, teacher = build_student_teacher(
-        m.arch,
-        m.patch_size,
-        m.img_size or cfg.data.global_crops_size,
-        m.drop_path_rate,
-        m.out_dim,
-        use_bn_in_head=m.use_bn_in_head,
-        norm_last_layer=m.norm_last_layer,
-        head_nlayers=m.head_nlayers,
-        head_hidden_dim=m.head_hidden_dim,
-        head_bottleneck_dim=m.head_bottleneck_dim,
-    )
-    if m.use_bn_in_head and device.type == "cuda" and env.world_size > 1:
-        # SyncBatchNorm refuses CPU modules, so it is only used on GPUs.
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
-    student, teacher = student.to(device), teacher.to(device)
-    wrapped: nn.Module = student
-    if env.world_size > 1:
-        wrapped = DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    n_crops = 2 + cfg.data.local_crops_number
-    return TrainModules(
-        student=wrapped,
-        student_plain=student,
-        teacher=teacher,
-        dino_loss=DINOLoss(m.out_dim, n_crops, cfg.dino.student_temp, cfg.dino.center_momentum).to(device),
-        optimizer=build_optimizer(student, cfg.optim.optimizer),
-        scaler=make_scaler(precision, device),
-    )
+def _is_peer_failure(err: RuntimeError) -> bool:
+    """gloo and NCCL report a dead or silent peer as plain RuntimeErrors (or DistErrors) with these words."""
+    words = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe", "peer")
+    return isinstance(err, torch.distributed.DistError) or any(w in str(err).lower() for w in words)
 
 
-def _checkpoint_state(
-    mods: TrainModules, cfg: Config, env: D.DistEnv, epoch: int, batch: int, step: int, spe: int
-) -> dict:
-    state = {
-        "student": with_prefix(mods.student_plain.state_dict(), "module."),
-        "teacher": mods.teacher.state_dict(),
-        "optimizer": mods.optimizer.state_dict(),
-        "epoch": epoch,  # the epoch to run next (the one in progress when batch_in_epoch > 0)
-        "batch_in_epoch": batch,
-        "step": step,
-        "steps_per_epoch": spe,
-        "world_size": env.world_size,
-        "samples_seen": step * cfg.data.batch_size_per_gpu * env.world_size,
-        "dino_loss": mods.dino_loss.state_dict(),
-        "config": to_dict(cfg),
-        "format_version": 1,
-    }
-    if mods.scaler is not None:
-        state["fp16_scaler"] = mods.scaler.state_dict()
-    return state
+def _stop_requested(stop: StopSignals, world_size: int, device: torch.device) -> bool:
+    """Whether any rank got a stop signal; every rank must agree so they all stop at the same step."""
+    flag = stop.received is not None
+    if world_size == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    return bool(D.all_reduce_sum(t).item() > 0)
 
 
-def _restore(mods: TrainModules, state: dict, path: Path) -> None:
-    try:
-        mods.student_plain.load_state_dict(strip_prefix(state["student"], "module."))
-        mods.teacher.load_state_dict(state["teacher"])
-        mods.dino_loss.load_state_dict(state["dino_loss"])
-        mods.optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as err:
-        raise CheckpointError(
-            f"{path} does not fit the model of this config (another architecture or out_dim?): {err}\n"
-            "Nothing was overwritten; point train.output_dir elsewhere or fix the config."
-        ) from err
-    if mods.scaler is not None and "fp16_scaler" in state:
-        mods.scaler.load_state_dict(state["fp16_scaler"])
-
-
-def _train(cfg: Config, env: D.DistEnv, device: torch.device, precision: str) -> TrainResult:
+def _train(
+    cfg: Config, env: D.DistEnv, device: torch.device, precision: str, stop: StopSignals
+) -> TrainResult:
     out = Path(cfg.train.output_dir)
     d = cfg.data
-    transform = MultiCropAugmentation(
-        d.global_crops_size,
-        d.global_crops_scale,
-        d.local_crops_number,
-        d.local_crops_size,
-        d.local_crops_scale,
-    )
-    loader, sampler = build_pretrain_loader(
-        d.path,
-        transform,
-        d.batch_size_per_gpu,
-        d.num_workers,
-        cfg.train.seed,
-        env.rank,
-        env.world_size,
-        pin_memory=device.type == "cuda",
-    )
+    loader, sampler = build_loader(cfg, env, device)
     spe = sampler.batches_per_epoch
     mods = build_modules(cfg, env, device, precision)
-    sched = build_schedules(
-        base_lr=scaled_lr(cfg.optim.lr, d.batch_size_per_gpu, env.world_size),
-        min_lr=cfg.optim.min_lr,
-        warmup_epochs=cfg.optim.warmup_epochs,
-        weight_decay=cfg.optim.weight_decay,
-        weight_decay_end=cfg.optim.weight_decay_end,
-        momentum_teacher=cfg.dino.momentum_teacher,
-        warmup_teacher_temp=cfg.dino.warmup_teacher_temp,
-        teacher_temp=cfg.dino.teacher_temp,
-        warmup_teacher_temp_epochs=cfg.dino.warmup_teacher_temp_epochs,
-        teacher_temp_per_step=cfg.dino.teacher_temp_schedule == "step",
-        epochs=cfg.train.epochs,
-        steps_per_epoch=spe,
-    )
+    sched = build_run_schedules(cfg, env.world_size, spe)
 
     manager = CheckpointManager(out, cfg.train.keep_last)
     step, start_epoch, start_batch = 0, 0, 0
@@ -181,18 +104,10 @@ def _train(cfg: Config, env: D.DistEnv, device: torch.device, precision: str) ->
     loaded = manager.load_latest(map_location=device) if cfg.train.resume else None
     if loaded is not None:
         state, path = loaded
-        _restore(mods, state, path)
-        step, start_epoch, start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
-        if state.get("steps_per_epoch") != spe:
-            # Another world size or batch: continue the schedules by the number of samples seen.
-            step = round(state["samples_seen"] / (d.batch_size_per_gpu * env.world_size))
-            start_epoch, start_batch = divmod(step, spe)
-            notes.append(
-                f"steps per epoch changed ({state.get('steps_per_epoch')} -> {spe}, world size "
-                f"{state.get('world_size')} -> {env.world_size}); "
-                f"schedules continue by samples seen, at step {step}"
-            )
-        notes.insert(0, f"resumed from {path} at epoch {start_epoch}, batch {start_batch}, step {step}")
+        restore(mods, state, path)
+        step, start_epoch, start_batch, notes = resume_point(
+            state, path, spe, d.batch_size_per_gpu, env.world_size
+        )
 
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -214,10 +129,13 @@ def _train(cfg: Config, env: D.DistEnv, device: torch.device, precision: str) ->
 
     def save(epoch: int, batch: int, keep_epoch: int | None = None) -> None:
         if env.is_main:
-            manager.save(_checkpoint_state(mods, cfg, env, epoch, batch, step, spe), step, keep_epoch)
+            manager.save(
+                checkpoint_state(mods, cfg, env.world_size, epoch, batch, step, spe), step, keep_epoch
+            )
             export_backbone(mods.teacher.backbone, out / BACKBONE_EXPORT)
 
     last_loss = None
+    stopped_by = None
     bad_in_a_row = 0
     finished = step >= total_steps
     epoch = start_epoch
@@ -259,13 +177,18 @@ def _train(cfg: Config, env: D.DistEnv, device: torch.device, precision: str) ->
             t_step = time.perf_counter() - t_prev
             t_prev = time.perf_counter()
             if step % cfg.train.log_every_steps == 0 or step == total_steps:
-                last_loss = _log(
+                last_loss = log_step(
                     monitor, res, values, step, epoch, t_data, t_step, d.batch_size_per_gpu * env.world_size
                 )
             monitor.advance(1)
             epoch_done = batch + 1 == spe
             finished = step >= total_steps
             every = cfg.train.checkpoint_every_steps
+            if _stop_requested(stop, env.world_size, device):
+                stopped_by = (
+                    signal.Signals(stop.received).name if stop.received else "a signal to another rank"
+                )
+                finished = True
             if not epoch_done and (finished or (every and step % every == 0)):
                 save(epoch, batch + 1)
             if finished:
@@ -280,43 +203,20 @@ def _train(cfg: Config, env: D.DistEnv, device: torch.device, precision: str) ->
             save(epoch + 1, 0, keep)
         epoch += 1
     D.barrier()
+    if stopped_by is not None:
+        monitor.message(f"stopped by {stopped_by} at step {step}: checkpoint written; run again to resume")
     monitor.message(
         f"done at step {step}: checkpoints in {out}, teacher backbone in {out / BACKBONE_EXPORT}, "
         f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}"
     )
     monitor.close()
     return TrainResult(
-        out, step, epoch, mods.teacher, mods.student_plain, mods.dino_loss.center.clone(), last_loss
+        out,
+        step,
+        epoch,
+        mods.teacher,
+        mods.student_plain,
+        mods.dino_loss.center.clone(),
+        last_loss,
+        stopped_by,
     )
-
-
-def _log(
-    monitor: Monitor,
-    res: StepOutput,
-    values,
-    step: int,
-    epoch: int,
-    t_data: float,
-    t_step: float,
-    total_batch: int,
-) -> float:
-    loss = res.loss.item()
-    scalars = {
-        "loss": loss,
-        "loss_global_global": res.loss_global_global.item(),
-        "loss_global_local": res.loss_global_local.item(),
-        "lr": values.lr,
-        "weight_decay": values.weight_decay,
-        "momentum": values.momentum,
-        "teacher_temp": values.teacher_temp,
-        "grad_norm": res.grad_norm.item(),
-        "images_per_s": total_batch / max(t_step, 1e-9),
-        "step_time_s": t_step,
-        "data_time_s": t_data,
-    }
-    monitor.scalars(step, scalars)
-    monitor.record(
-        "step", step, {"epoch": epoch, **{k: (v if math.isfinite(v) else None) for k, v in scalars.items()}}
-    )
-    monitor.advance(0, {"loss": f"{loss:.4f}", "img/s": f"{scalars['images_per_s']:.1f}", "ep": str(epoch)})
-    return loss
