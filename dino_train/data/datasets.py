@@ -72,6 +72,12 @@ class ImageDataset(Dataset):
         self.samples: list[tuple[Path, int]] = []
         if flat:
             self.samples = [(p, -1) for p in flat]
+            if subdirs:
+                warnings.warn(
+                    f"{self.root} holds images directly, so it is read as one flat unlabelled folder; "
+                    f"its {len(subdirs)} sub-folder(s) are ignored",
+                    stacklevel=2,
+                )
         else:
             for d in subdirs:
                 files = _images_under(d)

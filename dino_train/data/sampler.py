@@ -41,6 +41,8 @@ class ResumableSampler(Sampler):
         self.epoch, self.start_batch = epoch, 0
 
     def set_start_batch(self, batch_index: int) -> None:
+        if not 0 <= batch_index <= self.batches_per_epoch:
+            raise ValueError(f"start batch {batch_index} is outside this epoch's 0..{self.batches_per_epoch}")
         self.start_batch = batch_index
 
     @property
@@ -113,7 +115,9 @@ class MultiCropDataset(Dataset):
         py_state = random.getstate()
         try:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(s)
+                # The CPU generator only: torch.manual_seed would also reseed CUDA in the main process
+                # (num_workers=0), changing the model's own random draws with the worker count.
+                torch.default_generator.manual_seed(s)
                 random.seed(s)
                 crops = self.transform(img)
         finally:
