@@ -99,12 +99,28 @@ class TrainConfig:
 
 
 @dataclass
+class MonitorConfig:
+    # Periodic k-NN on a labelled folder with train/ and val/ class folders; "" disables it.
+    knn_data: str = ""
+    knn_every_epochs: int = 1
+    knn_ks: tuple[int, ...] = (10, 20)
+    knn_temperature: float = 0.07
+    knn_resize: int = 0  # 0: data.global_crops_size * 256 / 224, as the release's 256 / 224
+    knn_crop: int = 0  # 0: data.global_crops_size
+    knn_batch_size: int = 128
+    # Attention maps of the images in this folder (a few) logged to TensorBoard; "" disables it.
+    attention_images: str = ""
+    attention_every_epochs: int = 1
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     dino: DinoConfig = field(default_factory=DinoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -113,6 +129,10 @@ class Config:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotated type ``tp``; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
+    if origin is tuple and typing.get_args(tp)[-1] is Ellipsis:
+        if not isinstance(value, list | tuple) or not value:
+            raise ConfigError(f"{key}: expected a non-empty list, got {value!r}")
+        return tuple(_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value))
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, list | tuple) or len(value) != len(args):
@@ -341,6 +361,13 @@ def validate(cfg: Config) -> None:
     _check(t.keep_last >= 1, "train.keep_last", f"must be at least 1, got {t.keep_last}")
     _check(t.log_every_steps >= 1, "train.log_every_steps", f"must be at least 1, got {t.log_every_steps}")
     _check(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be at least 1")
+    mon = cfg.monitor
+    _check(mon.knn_every_epochs >= 1, "monitor.knn_every_epochs", "must be at least 1")
+    _check(all(k >= 1 for k in mon.knn_ks), "monitor.knn_ks", f"every k must be at least 1, got {mon.knn_ks}")
+    _check(mon.knn_temperature > 0, "monitor.knn_temperature", "must be positive")
+    _check(mon.knn_resize >= 0 and mon.knn_crop >= 0, "monitor.knn_resize", "sizes must be 0 or positive")
+    _check(mon.knn_batch_size >= 1, "monitor.knn_batch_size", "must be at least 1")
+    _check(mon.attention_every_epochs >= 1, "monitor.attention_every_epochs", "must be at least 1")
     _check(t.dist_timeout_s > 0, "train.dist_timeout_s", f"must be positive, got {t.dist_timeout_s}")
 
 

@@ -4,12 +4,13 @@ centering. It never logs or saves."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from dino_train.ema import ema_update_
+from dino_train.health import dino_metrics, feature_std
 from dino_train.loss import DINOLoss
 from dino_train.optim import apply_step_values, cancel_last_layer_grads, clip_gradients
 from dino_train.precision import autocast
@@ -23,6 +24,7 @@ class StepOutput:
     loss_global_local: torch.Tensor
     grad_norm: torch.Tensor  # total pre-clip gradient norm of the student
     applied: bool  # False when the step was skipped for non-finite gradients
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # health telemetry, when asked for
 
 
 @dataclass
@@ -41,6 +43,8 @@ class TrainModules:
         self.student_params = [p for _, p in named]
         self.teacher_params = [teacher_params[n] for n, _ in named]
         self.trainable = [p for p in self.student_params if p.requires_grad]
+        is_backbone = [n.startswith("backbone.") for n, p in named if p.requires_grad]
+        self.backbone_mask = torch.tensor(is_backbone, dtype=torch.bool)
 
 
 def train_step(
@@ -54,15 +58,30 @@ def train_step(
     clip_grad: float,
     freeze_last_layer: int,
     all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    with_metrics: bool = False,
 ) -> StepOutput:
-    """crops: [g1, g2, l1, ..., lN], each (B, 3, H, W) on ``device``."""
+    """crops: [g1, g2, l1, ..., lN], each (B, 3, H, W) on ``device``. ``with_metrics`` adds the health
+    telemetry (on logging steps only: it costs a few softmaxes over the prototypes)."""
     apply_step_values(m.optimizer, values.lr, values.weight_decay)
     with autocast(precision, device):
         with torch.no_grad():
-            teacher_out = m.teacher(crops[:2])  # the teacher sees the global crops only
-        student_out = m.student(crops)
+            teacher_out = m.teacher(crops[:2], return_features=with_metrics)  # global crops only
+        student_out = m.student(crops, return_features=with_metrics)
+    if with_metrics:
+        (teacher_out, teacher_feats), (student_out, student_feats) = teacher_out, student_out
     # The loss runs outside autocast: its softmaxes and sums over 65k prototypes need fp32.
     terms = m.dino_loss(student_out, teacher_out, values.teacher_temp)
+    metrics: dict[str, torch.Tensor] = {}
+    if with_metrics:
+        metrics = dino_metrics(
+            student_out.detach(),
+            teacher_out,
+            m.dino_loss.center,
+            values.teacher_temp,
+            m.dino_loss.student_temp,
+        )
+        metrics["student_feature_std"] = feature_std(student_feats.detach())
+        metrics["teacher_feature_std"] = feature_std(teacher_feats)
 
     m.optimizer.zero_grad(set_to_none=True)
     if m.scaler is not None:
@@ -72,6 +91,10 @@ def train_step(
         terms.total.backward()
     norms = clip_gradients(m.trainable, clip_grad)
     grad_norm = norms.norm() if norms is not None else torch.zeros((), device=device)
+    if with_metrics and norms is not None and len(norms) == len(m.backbone_mask):
+        mask = m.backbone_mask.to(norms.device)
+        metrics["grad_norm_backbone"] = norms[mask].norm()
+        metrics["grad_norm_head"] = norms[~mask].norm()
     # Gradients are already averaged over ranks here, so every rank takes the same decision (a rank
     # deciding alone on its own loss could skip a collective the others enter). A non-finite loss makes
     # non-finite gradients, so it is caught here too. One host sync per step.
@@ -92,4 +115,5 @@ def train_step(
         loss_global_local=terms.global_local.detach(),
         grad_norm=grad_norm.detach(),
         applied=finite,
+        metrics=metrics,
     )

@@ -65,6 +65,14 @@ class Monitor:
         if self.enabled:
             tqdm.write(text) if self.bar is not None else print(text, flush=True)
 
+    def warn(self, text: str) -> None:
+        """A health warning: console, TensorBoard text (health/warnings) and the JSON log."""
+        if not self.enabled:
+            return
+        self.message(f"WARNING: {text}")
+        self.writer.add_text("health/warnings", text)
+        self.record("warning", -1, {"message": text})
+
     def close(self) -> None:
         if not self.enabled:
             return
@@ -73,20 +81,30 @@ class Monitor:
         self.log_file.close()
 
 
-def log_step(
-    monitor: Monitor,
-    res: StepOutput,
-    values: StepValues,
-    step: int,
-    epoch: int,
-    t_data: float,
-    t_step: float,
-    total_batch: int,
-) -> float:
-    """Read the step's scalars (the only host syncs of the loop) and log them; returns the loss."""
-    loss = res.loss.item()
+# TensorBoard groups: related curves side by side.
+GROUPS = {
+    "loss": "loss",
+    "loss_global_global": "loss",
+    "loss_global_local": "loss",
+    "lr": "schedule",
+    "weight_decay": "schedule",
+    "momentum": "schedule",
+    "teacher_temp": "schedule",
+    "grad_norm": "grad",
+    "grad_norm_backbone": "grad",
+    "grad_norm_head": "grad",
+    "images_per_s": "speed",
+    "step_time_s": "speed",
+    "data_time_s": "speed",
+}
+
+
+def step_scalars(
+    res: StepOutput, values: StepValues, t_data: float, t_step: float, total_batch: int
+) -> dict[str, float]:
+    """Read the step's scalars: the only host syncs of the loop, on logging steps."""
     scalars = {
-        "loss": loss,
+        "loss": res.loss.item(),
         "loss_global_global": res.loss_global_global.item(),
         "loss_global_local": res.loss_global_local.item(),
         "lr": values.lr,
@@ -98,9 +116,18 @@ def log_step(
         "step_time_s": t_step,
         "data_time_s": t_data,
     }
-    monitor.scalars(step, scalars)
-    monitor.record(
-        "step", step, {"epoch": epoch, **{k: (v if math.isfinite(v) else None) for k, v in scalars.items()}}
+    scalars.update({k: v.item() for k, v in res.metrics.items()})
+    return scalars
+
+
+def log_scalars(monitor: Monitor, step: int, epoch: int, scalars: dict[str, float]) -> None:
+    """TensorBoard (grouped: loss/, schedule/, grad/, speed/, health/) and one JSON line."""
+    if not monitor.enabled:
+        return
+    for k, v in scalars.items():
+        monitor.writer.add_scalar(f"{GROUPS.get(k, 'health')}/{k}", v, step)
+    finite = {k: (v if math.isfinite(v) else None) for k, v in scalars.items()}
+    monitor.record("step", step, {"epoch": epoch, **finite})
+    monitor.advance(
+        0, {"loss": f"{scalars['loss']:.4f}", "img/s": f"{scalars['images_per_s']:.1f}", "ep": str(epoch)}
     )
-    monitor.advance(0, {"loss": f"{loss:.4f}", "img/s": f"{scalars['images_per_s']:.1f}", "ep": str(epoch)})
-    return loss

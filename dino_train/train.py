@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from dino_train import distributed as D
+from dino_train.attention_log import fixed_images, log_attention_to_tensorboard
 from dino_train.build import build_loader, build_modules, build_run_schedules
 from dino_train.checkpoint import BACKBONE_EXPORT, CheckpointManager, export_backbone
 from dino_train.config import Config, save_config
 from dino_train.engine import train_step
-from dino_train.monitoring import Monitor, log_step
+from dino_train.health import CollapseDetector
+from dino_train.knn_monitor import PeriodicKNN
+from dino_train.monitoring import Monitor, log_scalars, step_scalars
 from dino_train.precision import resolve_precision
 from dino_train.run_state import checkpoint_state, restore, resume_point
 from dino_train.signals import StopSignals
@@ -40,6 +43,7 @@ class TrainResult:
     center: torch.Tensor
     last_loss: float | None
     stopped_by: str | None = None  # the signal's name when a stop request ended the run early
+    warnings: list[str] = field(default_factory=list)  # health warnings raised during the run
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -97,6 +101,10 @@ def _train(
     spe = sampler.batches_per_epoch
     mods = build_modules(cfg, env, device, precision)
     sched = build_run_schedules(cfg, env.world_size, spe)
+    knn = PeriodicKNN(cfg.monitor, d.global_crops_size, device) if cfg.monitor.knn_data else None
+    attention_images = None
+    if cfg.monitor.attention_images and env.is_main:
+        attention_images = fixed_images(cfg.monitor.attention_images, d.global_crops_size)
 
     manager = CheckpointManager(out, cfg.train.keep_last)
     step, start_epoch, start_batch = 0, 0, 0
@@ -135,6 +143,8 @@ def _train(
             export_backbone(mods.teacher.backbone, out / BACKBONE_EXPORT)
 
     last_loss = None
+    detector = CollapseDetector()
+    warnings_raised: list[str] = []
     stopped_by = None
     bad_in_a_row = 0
     finished = step >= total_steps
@@ -152,6 +162,7 @@ def _train(
             crops = [c.to(device, non_blocking=True) for c in crops]
             torch.manual_seed(step_seed(cfg.train.seed, env.rank, step))
             values = sched.at(step)
+            log_now = (step + 1) % cfg.train.log_every_steps == 0 or step + 1 == total_steps
             res = train_step(
                 mods,
                 crops,
@@ -162,6 +173,7 @@ def _train(
                 clip_grad=cfg.optim.clip_grad,
                 freeze_last_layer=cfg.optim.freeze_last_layer,
                 all_reduce_sum=D.all_reduce_sum,
+                with_metrics=log_now,
             )
             step += 1
             bad_in_a_row = 0 if res.applied else bad_in_a_row + 1
@@ -176,10 +188,13 @@ def _train(
                     )
             t_step = time.perf_counter() - t_prev
             t_prev = time.perf_counter()
-            if step % cfg.train.log_every_steps == 0 or step == total_steps:
-                last_loss = log_step(
-                    monitor, res, values, step, epoch, t_data, t_step, d.batch_size_per_gpu * env.world_size
-                )
+            if log_now:
+                scalars = step_scalars(res, values, t_data, t_step, d.batch_size_per_gpu * env.world_size)
+                last_loss = scalars["loss"]
+                log_scalars(monitor, step, epoch, scalars)
+                for warning in detector.check(scalars, step):
+                    warnings_raised.append(warning)
+                    monitor.warn(warning)
             monitor.advance(1)
             epoch_done = batch + 1 == spe
             finished = step >= total_steps
@@ -198,6 +213,22 @@ def _train(
         if env.is_main:
             monitor.record("epoch", step, {"epoch": epoch, "skipped_files": skipped_files})
             monitor.scalars(step, {"skipped_files": skipped_files})
+        if knn is not None and epoch_done and (epoch + 1) % cfg.monitor.knn_every_epochs == 0:
+            accuracy = knn.evaluate(mods.teacher.backbone)
+            top1 = {f"knn_top1_k{k}": a[0] for k, a in accuracy.items()}
+            monitor.scalars(step, top1, prefix="knn")
+            monitor.record(
+                "knn", step, {"epoch": epoch, **top1, **{f"knn_top5_k{k}": a[1] for k, a in accuracy.items()}}
+            )
+            monitor.message(
+                f"epoch {epoch}: k-NN top-1 " + ", ".join(f"k={k}: {a[0]:.1f}%" for k, a in accuracy.items())
+            )
+        if (
+            attention_images is not None
+            and epoch_done
+            and (epoch + 1) % cfg.monitor.attention_every_epochs == 0
+        ):
+            log_attention_to_tensorboard(monitor.writer, mods.teacher.backbone, attention_images, step)
         if epoch_done:
             keep = epoch + 1 if cfg.train.saveckp_freq and (epoch + 1) % cfg.train.saveckp_freq == 0 else None
             save(epoch + 1, 0, keep)
@@ -219,4 +250,5 @@ def _train(
         mods.dino_loss.center.clone(),
         last_loss,
         stopped_by,
+        warnings_raised,
     )

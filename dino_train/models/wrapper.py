@@ -17,10 +17,13 @@ class MultiCropWrapper(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, crops: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, crops: list[torch.Tensor] | torch.Tensor, return_features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """crops: list of (B, 3, H_i, W_i); consecutive crops of one size share a backbone pass.
 
-        Returns (sum of batch sizes, out_dim) head outputs in crop order.
+        Returns (sum of batch sizes, out_dim) head outputs in crop order, and with ``return_features``
+        also the backbone's CLS features (sum of batch sizes, embed_dim).
         """
         if isinstance(crops, torch.Tensor):
             crops = [crops]
@@ -32,7 +35,9 @@ class MultiCropWrapper(nn.Module):
                 end += 1
             feats.append(self.backbone(torch.cat(crops[start:end])))
             start = end
-        return self.head(torch.cat(feats))
+        features = torch.cat(feats)
+        out = self.head(features)
+        return (out, features) if return_features else out
 
 
 def build_student_teacher(

@@ -1,0 +1,109 @@
+"""Training health: collapse telemetry of DINO's outputs (pure tensor functions) and a collapse detector.
+
+DINO's usual failure on new data is collapse: the teacher spreads its output uniformly over the prototypes
+(the loss sits at ln K) or puts every image on the same prototype. Both show in the teacher's output long
+before a k-NN score would, so these metrics are computed on logging steps and checked by the detector.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def dino_metrics(
+    student_out: torch.Tensor,
+    teacher_out: torch.Tensor,
+    center: torch.Tensor,
+    teacher_temp: float,
+    student_temp: float,
+) -> dict[str, torch.Tensor]:
+    """Collapse telemetry from one step's outputs; all scalars, left on the device.
+
+    student_out: (n_crops * B, K), teacher_out: (2 * B, K), center: (1, K) as used by this step's loss.
+    - teacher_entropy: mean entropy of the teacher's distributions; near ln K means uniform collapse.
+    - teacher_entropy_ratio: the same over ln K, in [0, 1].
+    - batch_entropy_ratio: entropy of the batch-mean teacher distribution over ln K; near 0 means every
+      image goes to the same prototypes (one-prototype collapse).
+    - prototypes_in_use: distinct argmax prototypes of the teacher over the batch.
+    - kl_teacher_student: KL(teacher || student) over the two global-global crop pairs.
+    - center_norm: L2 norm of the center.
+    """
+    k = teacher_out.shape[-1]
+    b = teacher_out.shape[0] // 2
+    log_q = F.log_softmax((teacher_out.float() - center) / teacher_temp, dim=-1)
+    q = log_q.exp()
+    entropy = -(q * log_q).sum(-1).mean()
+    mean_q = q.mean(0)
+    batch_entropy = -(mean_q * mean_q.clamp_min(1e-30).log()).sum()
+    in_use = torch.zeros(k, dtype=torch.bool, device=q.device)
+    in_use[q.argmax(-1)] = True
+    log_p = F.log_softmax(student_out[: 2 * b].float() / student_temp, dim=-1)
+    # Teacher view 1 is matched with student view 2 and the other way round, as in the loss.
+    log_p_swapped = torch.cat([log_p[b:], log_p[:b]])
+    kl = (q * (log_q - log_p_swapped)).sum(-1).mean()
+    return {
+        "teacher_entropy": entropy,
+        "teacher_entropy_ratio": entropy / math.log(k),
+        "batch_entropy_ratio": batch_entropy / math.log(k),
+        "prototypes_in_use": in_use.sum().float(),
+        "kl_teacher_student": kl,
+        "center_norm": center.float().norm(),
+    }
+
+
+@torch.no_grad()
+def feature_std(features: torch.Tensor) -> torch.Tensor:
+    """Mean over dimensions of the per-dimension std across the batch of L2-normalised features (N, D).
+
+    Normalising first makes it scale-free: 0 when every image maps to the same direction, about
+    1/sqrt(D) for features spread evenly over the sphere.
+    """
+    return F.normalize(features.float(), dim=-1).std(dim=0).mean()
+
+
+@dataclass
+class CollapseDetector:
+    """Warns when a collapse sign persists over ``patience`` consecutive checks, once per episode."""
+
+    patience: int = 3
+    uniform_entropy_ratio: float = 0.97  # teacher this close to uniform
+    one_prototype_ratio: float = 0.05  # batch-mean entropy this low
+    min_feature_std: float = 1e-3  # normalised features this close to one point
+    streaks: dict[str, int] = field(default_factory=dict)
+
+    def check(self, metrics: dict[str, float], step: int) -> list[str]:
+        signs = {
+            "uniform": metrics.get("teacher_entropy_ratio", 0.0) > self.uniform_entropy_ratio,
+            "one_prototype": metrics.get("batch_entropy_ratio", 1.0) < self.one_prototype_ratio,
+            "feature_std": metrics.get("student_feature_std", 1.0) < self.min_feature_std,
+        }
+        warnings = []
+        for name, present in signs.items():
+            self.streaks[name] = self.streaks.get(name, 0) + 1 if present else 0
+            if self.streaks[name] == self.patience:
+                warnings.append(f"step {step}: " + _MESSAGES[name].format(**metrics))
+        return warnings
+
+
+_MESSAGES = {
+    "uniform": (
+        "uniform collapse: the teacher's output is near uniform (entropy {teacher_entropy_ratio:.0%} of "
+        "ln K), the loss sits at ln K. Likely fixes: a lower dino.teacher_temp (0.04), a teacher-temperature "
+        "warmup (dino.warmup_teacher_temp_epochs), a longer optim.warmup_epochs."
+    ),
+    "one_prototype": (
+        "one-prototype collapse: the teacher sends the whole batch to {prototypes_in_use:.0f} prototype(s) "
+        "(batch entropy {batch_entropy_ratio:.1%} of ln K). Likely fixes: stronger centering (a "
+        "dino.center_momentum of 0.9, not 0.99+), a higher dino.teacher_temp, a lower optim.lr or a "
+        "longer warmup."
+    ),
+    "feature_std": (
+        "feature collapse: the student's features have almost no spread (std {student_feature_std:.2e}). "
+        "Likely fixes: a lower optim.lr, a longer optim.warmup_epochs, a higher dino.momentum_teacher."
+    ),
+}

@@ -1,0 +1,199 @@
+"""Collapse telemetry against hand computations, the detector, TensorBoard read back over HTTP, the report."""
+
+import json
+import math
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+import torch
+
+from dino_train.config import load_config
+from dino_train.distributed import free_port
+from dino_train.health import CollapseDetector, dino_metrics, feature_std
+from dino_train.report import main as report_main
+from dino_train.train import train
+from tests.conftest import tiny_overrides
+
+
+def test_uniform_teacher_metrics():
+    k, b = 8, 3
+    m = dino_metrics(torch.zeros(4 * b, k), torch.zeros(2 * b, k), torch.zeros(1, k), 0.04, 0.1)
+    assert m["teacher_entropy"].item() == pytest.approx(math.log(k), rel=1e-6)
+    assert m["teacher_entropy_ratio"].item() == pytest.approx(1.0, rel=1e-6)
+    assert m["batch_entropy_ratio"].item() == pytest.approx(1.0, rel=1e-6)
+    assert m["kl_teacher_student"].item() == pytest.approx(0.0, abs=1e-6)  # both uniform
+    assert m["center_norm"].item() == 0.0
+
+
+def test_one_prototype_teacher_metrics():
+    k, b = 8, 4
+    teacher = torch.zeros(2 * b, k)
+    teacher[:, 3] = 100.0
+    m = dino_metrics(torch.zeros(2 * b, k), teacher, torch.ones(1, k), 0.04, 0.1)
+    assert m["teacher_entropy_ratio"].item() < 1e-6
+    assert m["batch_entropy_ratio"].item() < 1e-6
+    assert m["prototypes_in_use"].item() == 1
+    # KL(one-hot || uniform student) = log K.
+    assert m["kl_teacher_student"].item() == pytest.approx(math.log(k), rel=1e-5)
+    assert m["center_norm"].item() == pytest.approx(math.sqrt(k))
+
+
+def test_kl_pairs_views_like_the_loss():
+    # B=1, K=2: teacher view 1 is compared with student view 2 and vice versa.
+    teacher = torch.tensor([[0.0, 0.0], [0.0, 0.0]])  # q = (.5, .5) for both views
+    student = torch.tensor([[0.0, 0.0], [math.log(3) * 0.1, 0.0]])  # view 2: p = (.75, .25)
+    m = dino_metrics(student, teacher, torch.zeros(1, 2), 0.04, 0.1)
+    kl_view2 = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    assert m["kl_teacher_student"].item() == pytest.approx(kl_view2 / 2, rel=1e-5)
+
+
+def test_feature_std():
+    assert feature_std(torch.ones(10, 4)).item() == pytest.approx(0.0, abs=1e-7)
+    eye = torch.eye(4)
+    assert feature_std(eye).item() == pytest.approx(0.5, rel=1e-5)  # each column (1,0,0,0): std 0.5
+
+
+def test_detector_fires_after_patience_once_per_episode():
+    d = CollapseDetector(patience=2)
+    uniform = {
+        "teacher_entropy_ratio": 0.99,
+        "batch_entropy_ratio": 1.0,
+        "prototypes_in_use": 50,
+        "student_feature_std": 0.05,
+    }
+    assert d.check(uniform, 1) == []
+    fired = d.check(uniform, 2)
+    assert len(fired) == 1 and "uniform collapse" in fired[0] and "teacher_temp" in fired[0]
+    assert d.check(uniform, 3) == []  # not repeated while it lasts
+    one = {
+        "teacher_entropy_ratio": 0.0,
+        "batch_entropy_ratio": 0.0,
+        "prototypes_in_use": 1,
+        "student_feature_std": 1e-5,
+    }
+    d.check(one, 4)
+    fired = d.check(one, 5)
+    assert any("one-prototype" in w and "center_momentum" in w for w in fired)
+    assert any("feature collapse" in w for w in fired)
+    healthy = {
+        "teacher_entropy_ratio": 0.5,
+        "batch_entropy_ratio": 0.6,
+        "prototypes_in_use": 40,
+        "student_feature_std": 0.04,
+    }
+    assert all(d.check(healthy, s) == [] for s in range(6, 20))
+
+
+def get_json(url):
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def healthy_run(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("health") / "run"
+    result = train(
+        load_config(
+            None,
+            tiny_overrides(
+                tiny_data,
+                out,
+                "train.epochs=3",
+                f"monitor.knn_data={tiny_data}",
+                "monitor.knn_ks=[5,10]",
+                f"monitor.attention_images={tiny_data / 'val'}",
+                "monitor.attention_every_epochs=2",
+            ),
+        )
+    )
+    return out, result
+
+
+def test_healthy_run_logs_metrics_knn_and_no_warning(healthy_run):
+    out, result = healthy_run
+    assert result.warnings == []
+    steps = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if '"kind": "step"' in x]
+    for key in (
+        "teacher_entropy_ratio",
+        "batch_entropy_ratio",
+        "prototypes_in_use",
+        "kl_teacher_student",
+        "center_norm",
+        "student_feature_std",
+        "teacher_feature_std",
+        "grad_norm_backbone",
+        "grad_norm_head",
+    ):
+        assert all(r[key] is not None for r in steps), key
+    assert all(0 <= r["teacher_entropy_ratio"] <= 1 for r in steps)
+    knn = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if '"kind": "knn"' in x]
+    assert [r["epoch"] for r in knn] == [0, 1, 2] and all(0 <= r["knn_top1_k5"] <= 100 for r in knn)
+
+
+def test_tensorboard_serves_the_scalars(healthy_run):
+    out, _ = healthy_run
+    port = free_port()
+    tb = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(out / "tensorboard"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--load_fast=false",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        tags, deadline = {}, time.time() + 60
+        while time.time() < deadline:
+            try:
+                tags = get_json(f"{base}/data/plugin/scalars/tags")
+                if tags and any("health/teacher_entropy_ratio" in t for t in tags.values()):
+                    break
+            except (TimeoutError, OSError, ValueError):
+                pass
+            time.sleep(0.5)
+        run, run_tags = next(iter(tags.items()))
+        for tag in (
+            "loss/loss",
+            "schedule/lr",
+            "schedule/teacher_temp",
+            "health/teacher_entropy_ratio",
+            "grad/grad_norm_head",
+            "speed/images_per_s",
+            "knn/knn_top1_k5",
+        ):
+            assert tag in run_tags, tag
+        images = get_json(f"{base}/data/plugin/images/tags")
+        assert {"attention/0", "attention/3"} <= set(images[run])  # the fixed images' attention maps
+        query = urllib.parse.urlencode({"tag": "loss/loss", "run": run})
+        points = get_json(f"{base}/data/plugin/scalars/scalars?{query}")
+        logged = [
+            json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if '"kind": "step"' in x
+        ]
+        assert [p[1] for p in points] == [r["step"] for r in logged]
+        assert [p[2] for p in points] == pytest.approx([r["loss"] for r in logged], rel=1e-6)
+    finally:
+        tb.terminate()
+        tb.wait(timeout=30)
+
+
+def test_report_from_a_real_run(healthy_run, capsys):
+    out, _ = healthy_run
+    assert report_main([str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "steps:          15" in text and "best k-NN:" in text and "warnings:       0" in text
+    png = out / "report.png"
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert report_main([str(out / "nope")]) == 2
