@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from bench.memory import peak_mib, reset_peak
+from dino_train.build import build_modules
 from dino_train.config import load_config
 from dino_train.distributed import DistEnv
 from dino_train.engine import train_step
 from dino_train.schedules import StepValues
-from dino_train.build import build_modules
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
