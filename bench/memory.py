@@ -17,6 +17,17 @@ def reset_peak(device: torch.device) -> None:
         pass
 
 
+def rss_mib() -> float:
+    """Current resident set size of this process (CPU), or allocated memory on CUDA."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def peak_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20

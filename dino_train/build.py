@@ -59,6 +59,13 @@ def build_modules(cfg: Config, env: DistEnv, device: torch.device, precision: st
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
     student, teacher = student.to(device), teacher.to(device)
+    if cfg.train.grad_checkpointing:
+        # Only the student trains; the teacher runs under no_grad and keeps no activations anyway.
+        student.backbone.set_grad_checkpointing(True)
+    if cfg.train.compile:
+        # In place (Module.compile), so the state dict keeps its names: checkpoints stay the release's.
+        student.backbone.compile()
+        teacher.backbone.compile()
     wrapped: nn.Module = student
     if env.world_size > 1:
         wrapped = DistributedDataParallel(

@@ -91,6 +91,11 @@ class TrainConfig:
     keep_last: int = 3  # rolling checkpoints kept for resume
     log_every_steps: int = 10
     max_steps: int = 0  # stop (with a checkpoint) after this many optimizer steps in total; 0 = no limit
+    # Memory levers: the batch runs as this many micro-batches (center and teacher updated once per step),
+    # and activations are recomputed per block in the backward pass instead of being kept.
+    accumulation_steps: int = 1
+    grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile the backbones (first steps are slow while it compiles)
     max_nonfinite_steps: int = 10  # consecutive skipped non-finite steps before the run stops
     # How long a rank waits in a collective for a dead or hung peer before the run stops with an error.
     dist_timeout_s: float = 1800.0
@@ -358,6 +363,16 @@ def validate(cfg: Config) -> None:
     _check(t.output_dir != "", "train.output_dir", "is required")
     for name in ("num_threads", "saveckp_freq", "checkpoint_every_steps", "max_steps"):
         _check(getattr(t, name) >= 0, f"train.{name}", f"must be 0 or more, got {getattr(t, name)}")
+    _check(
+        t.accumulation_steps >= 1,
+        "train.accumulation_steps",
+        f"must be at least 1, got {t.accumulation_steps}",
+    )
+    _check(
+        d.batch_size_per_gpu % t.accumulation_steps == 0,
+        "train.accumulation_steps",
+        f"{t.accumulation_steps} does not divide data.batch_size_per_gpu={d.batch_size_per_gpu}",
+    )
     _check(t.keep_last >= 1, "train.keep_last", f"must be at least 1, got {t.keep_last}")
     _check(t.log_every_steps >= 1, "train.log_every_steps", f"must be at least 1, got {t.log_every_steps}")
     _check(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be at least 1")

@@ -3,6 +3,7 @@ centering. It never logs or saves."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from dino_train.ema import ema_update_
 from dino_train.health import dino_metrics, feature_std
-from dino_train.loss import DINOLoss
+from dino_train.loss import DINOLoss, DinoLossTerms
 from dino_train.optim import apply_step_values, cancel_last_layer_grads, clip_gradients
 from dino_train.precision import autocast
 from dino_train.schedules import StepValues
@@ -47,6 +48,26 @@ class TrainModules:
         self.backbone_mask = torch.tensor(is_backbone, dtype=torch.bool)
 
 
+def _forward(
+    m: TrainModules,
+    crops: list[torch.Tensor],
+    teacher_temp: float,
+    precision: str,
+    device: torch.device,
+    with_features: bool,
+) -> tuple[DinoLossTerms, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One micro-batch: (loss terms, student logits, teacher logits, student and teacher features)."""
+    with autocast(precision, device):
+        with torch.no_grad():
+            teacher_out = m.teacher(crops[:2], return_features=with_features)  # global crops only
+        student_out = m.student(crops, return_features=with_features)
+    s_feats = t_feats = None
+    if with_features:
+        (teacher_out, t_feats), (student_out, s_feats) = teacher_out, student_out
+    # The loss runs outside autocast: its softmaxes and sums over 65k prototypes need fp32.
+    return m.dino_loss(student_out, teacher_out, teacher_temp), student_out, teacher_out, s_feats, t_feats
+
+
 def train_step(
     m: TrainModules,
     crops: list[torch.Tensor],
@@ -59,36 +80,51 @@ def train_step(
     freeze_last_layer: int,
     all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
     with_metrics: bool = False,
+    accumulation_steps: int = 1,
 ) -> StepOutput:
-    """crops: [g1, g2, l1, ..., lN], each (B, 3, H, W) on ``device``. ``with_metrics`` adds the health
-    telemetry (on logging steps only: it costs a few softmaxes over the prototypes)."""
-    apply_step_values(m.optimizer, values.lr, values.weight_decay)
-    with autocast(precision, device):
-        with torch.no_grad():
-            teacher_out = m.teacher(crops[:2], return_features=with_metrics)  # global crops only
-        student_out = m.student(crops, return_features=with_metrics)
-    if with_metrics:
-        (teacher_out, teacher_feats), (student_out, student_feats) = teacher_out, student_out
-    # The loss runs outside autocast: its softmaxes and sums over 65k prototypes need fp32.
-    terms = m.dino_loss(student_out, teacher_out, values.teacher_temp)
-    metrics: dict[str, torch.Tensor] = {}
-    if with_metrics:
-        metrics = dino_metrics(
-            student_out.detach(),
-            teacher_out,
-            m.dino_loss.center,
-            values.teacher_temp,
-            m.dino_loss.student_temp,
-        )
-        metrics["student_feature_std"] = feature_std(student_feats.detach())
-        metrics["teacher_feature_std"] = feature_std(teacher_feats)
+    """One optimizer step on crops [g1, g2, l1, ..., lN], each (B, 3, H, W) on ``device``.
 
+    With ``accumulation_steps`` = n the batch runs as n micro-batches of B / n whose gradients add up to
+    the whole batch's (each micro loss is a mean, so it is scaled by 1 / n); the center and the teacher
+    are updated once, after the optimizer step, from all micro-batches, exactly as one big batch would.
+    ``with_metrics`` adds the health telemetry (on logging steps only: a few softmaxes over prototypes).
+    """
+    apply_step_values(m.optimizer, values.lr, values.weight_decay)
     m.optimizer.zero_grad(set_to_none=True)
+    batch = crops[0].shape[0]
+    if batch % accumulation_steps:
+        raise ValueError(f"batch {batch} is not divisible into {accumulation_steps} micro-batches")
+    micro = batch // accumulation_steps
+    teacher_outs, totals, gg, gl = [], [], [], []
+    metrics: dict[str, torch.Tensor] = {}
+    for i in range(accumulation_steps):
+        part = [c[i * micro : (i + 1) * micro] for c in crops] if accumulation_steps > 1 else crops
+        last = i == accumulation_steps - 1
+        # DDP all-reduces gradients on the last micro-batch only.
+        sync = contextlib.nullcontext() if last or not hasattr(m.student, "no_sync") else m.student.no_sync()
+        with sync:
+            terms, student_out, teacher_out, s_feats, t_feats = _forward(
+                m, part, values.teacher_temp, precision, device, with_metrics and last
+            )
+            loss = terms.total / accumulation_steps
+            (m.scaler.scale(loss) if m.scaler is not None else loss).backward()
+        teacher_outs.append(teacher_out)
+        totals.append(terms.total.detach())
+        gg.append(terms.global_global.detach())
+        gl.append(terms.global_local.detach())
+        if with_metrics and last:
+            metrics = dino_metrics(
+                student_out.detach(),
+                teacher_out,
+                m.dino_loss.center,
+                values.teacher_temp,
+                m.dino_loss.student_temp,
+            )
+            metrics["student_feature_std"] = feature_std(s_feats.detach())
+            metrics["teacher_feature_std"] = feature_std(t_feats)
+
     if m.scaler is not None:
-        m.scaler.scale(terms.total).backward()
         m.scaler.unscale_(m.optimizer)
-    else:
-        terms.total.backward()
     norms = clip_gradients(m.trainable, clip_grad)
     grad_norm = norms.norm() if norms is not None else torch.zeros((), device=device)
     if with_metrics and norms is not None and len(norms) == len(m.backbone_mask):
@@ -108,11 +144,12 @@ def train_step(
         m.optimizer.step()
     if finite:
         ema_update_(m.teacher_params, m.student_params, values.momentum)
-        m.dino_loss.update_center(teacher_out, all_reduce_sum)
+        m.dino_loss.update_center(torch.cat(teacher_outs), all_reduce_sum)
+    mean = lambda xs: torch.stack(xs).mean()  # noqa: E731
     return StepOutput(
-        loss=terms.total.detach(),
-        loss_global_global=terms.global_global.detach(),
-        loss_global_local=terms.global_local.detach(),
+        loss=mean(totals),
+        loss_global_global=mean(gg),
+        loss_global_local=mean(gl),
         grad_norm=grad_norm.detach(),
         applied=finite,
         metrics=metrics,

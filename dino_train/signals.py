@@ -18,7 +18,8 @@ class StopSignals:
     def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS):
         self.signals = signals
         self.received: int | None = None
-        self._previous: dict[int, Any] = {}
+        self._previous: dict[int, Any] = {}  # the handlers ours replaced, while installed
+        self._replaced: dict[int, Any] = {}  # the same, kept after exit for hand_on
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum
@@ -34,15 +35,16 @@ class StopSignals:
     def __exit__(self, *exc: object) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
-        self._previous.clear()
+        self._replaced, self._previous = self._previous, {}
 
     def hand_on(self) -> bool:
         """After the checkpoint: restore the previous handlers and, if the received signal had a Python
         handler before ours (submitit installs one that requeues the job), send it again so that handler
         runs. Returns True when it did."""
+        if self._previous:
+            self.__exit__()
         signum = self.received
-        previous = self._previous.get(signum) if signum is not None else None
-        self.__exit__()
+        previous = self._replaced.get(signum) if signum is not None else None
         if callable(previous):
             os.kill(os.getpid(), signum)
             return True

@@ -174,6 +174,7 @@ def _train(
                 freeze_last_layer=cfg.optim.freeze_last_layer,
                 all_reduce_sum=D.all_reduce_sum,
                 with_metrics=log_now,
+                accumulation_steps=cfg.train.accumulation_steps,
             )
             step += 1
             bad_in_a_row = 0 if res.applied else bad_in_a_row + 1

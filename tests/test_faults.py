@@ -184,3 +184,19 @@ def test_checkpoint_of_another_model_is_refused_and_left_intact(tiny_data, tmp_p
             )
         )
     assert sha(out / "checkpoint.pth") == before
+
+
+def test_stop_signal_is_handed_on_to_the_previous_handler():
+    from dino_train.signals import StopSignals
+
+    calls = []
+    before = signal.signal(signal.SIGUSR1, lambda s, f: calls.append(s))
+    try:
+        stop = StopSignals()
+        with stop:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert stop.received == signal.SIGUSR1 and calls == []  # recorded, not acted on
+        assert stop.hand_on() is True  # after the with block, as train() calls it
+        assert calls == [signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGUSR1, before)
