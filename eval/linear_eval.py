@@ -39,7 +39,6 @@ from eval.linear_model import (
     LinearGrid,
     backbone_tokens,
     default_variant,
-    lr_for,
     max_blocks,
 )
 from eval.linear_report import evaluate_only, finish
@@ -48,6 +47,7 @@ from eval.linear_train import (
     cached_batches,
     image_batches,
     image_loader,
+    probe_optimizer,
     resume_probes,
     train_one_epoch,
     train_transform,
@@ -152,16 +152,7 @@ def _train(
     torch.manual_seed(args.seed)
     grid = LinearGrid(points, int(info["embed_dim"]), len(data.classes)).to(device)
     total_batch = args.batch_size * world
-    optimizer = torch.optim.SGD(
-        [
-            {"params": h.parameters(), "lr": lr_for(p, total_batch)}
-            for p, h in zip(points, grid.heads, strict=True)
-        ],
-        lr=lr_for(points[0], total_batch),
-        momentum=0.9,
-        weight_decay=0.0,
-    )
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs, eta_min=0.0)
+    optimizer, scheduler = probe_optimizer(grid, total_batch, args.epochs)
     tracker = Tracker(len(points))
     settings = {
         "points": [asdict(p) for p in points],

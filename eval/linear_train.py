@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from dino_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dino_train.distributed import all_reduce_sum
-from eval.linear_model import LinearGrid, backbone_tokens, topk_correct
+from eval.linear_model import GridPoint, LinearGrid, backbone_tokens, lr_for, topk_correct
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # token stack (B, n_max + 1, D), labels (B,)
 
@@ -80,6 +80,23 @@ def _average_gradients(params: list[nn.Parameter], world: int) -> None:
         n = p.grad.numel()
         p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
         offset += n
+
+
+def probe_optimizer(
+    grid: LinearGrid, total_batch: int, epochs: int
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.CosineAnnealingLR]:
+    """The release's probe optimiser: SGD with momentum 0.9 and no weight decay, each classifier at its
+    grid point's lr scaled by ``total_batch`` / 256, cosine to 0 over ``epochs`` (stepped per epoch)."""
+    optimizer = torch.optim.SGD(
+        [
+            {"params": h.parameters(), "lr": lr_for(p, total_batch)}
+            for p, h in zip(grid.points, grid.heads, strict=True)
+        ],
+        lr=lr_for(grid.points[0], total_batch),
+        momentum=0.9,
+        weight_decay=0.0,
+    )
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=0.0)
 
 
 def train_one_epoch(
@@ -196,3 +213,54 @@ def resume_probes(
     scheduler.load_state_dict(state["scheduler"])
     tracker.load_state_dict(state["tracker"])
     return int(state["epoch"])
+
+
+def train_probe_in_memory(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_feats: torch.Tensor,
+    val_labels: torch.Tensor,
+    num_classes: int,
+    epochs: int = 100,
+    lr: float = 0.001,
+    batch_size: int = 256,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> tuple[nn.Linear, Tracker]:
+    """One linear probe on features already in memory, by ``eval_linear --cached-features``'s recipe.
+
+    train_feats (N, D), val_feats (M, D): one feature vector per image (e.g. the CLS token);
+    train_labels (N,), val_labels (M,): int64 in [0, num_classes). ``lr`` is for a batch of 256 (scaled by
+    ``batch_size`` / 256). With the same seed, lr, batch and epochs, the probe is the one
+    ``eval_linear --cached-features --n-last-blocks 1 --avgpool no`` trains in one process.
+    Returns the last epoch's classifier Linear(D, num_classes) on the CPU, and the tracker holding the
+    val top-1/top-5 (percent) of every epoch.
+    """
+    if train_feats.ndim != 2 or val_feats.ndim != 2 or train_feats.shape[1] != val_feats.shape[1]:
+        raise ValueError(
+            f"need train (N, D) and val (M, D) features; got {tuple(train_feats.shape)}, "
+            f"{tuple(val_feats.shape)}"
+        )
+    if len(train_feats) != len(train_labels) or len(val_feats) != len(val_labels):
+        raise ValueError("features and labels disagree on the number of images")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"need epochs >= 1 and batch_size >= 1; got {epochs=}, {batch_size=}")
+    device = torch.device(device)
+    # A (N, D) feature is a token stack of one block plus an unused avgpool slot; expand is a view, so
+    # the bank is not copied.
+    train_tokens = train_feats.detach().float().cpu().unsqueeze(1).expand(-1, 2, -1)
+    val_tokens = val_feats.detach().float().cpu().unsqueeze(1).expand(-1, 2, -1)
+    train_labels, val_labels = train_labels.long().cpu(), val_labels.long().cpu()
+    with torch.random.fork_rng(devices=[]):  # seed the init as eval_linear does, leaving the caller's RNG
+        torch.manual_seed(seed)
+        grid = LinearGrid([GridPoint(lr, 1, False)], train_feats.shape[1], num_classes)
+    grid.to(device)
+    optimizer, scheduler = probe_optimizer(grid, batch_size, epochs)
+    tracker = Tracker(1)
+    for epoch in range(epochs):
+        batches = cached_batches(train_tokens, train_labels, batch_size, epoch, seed, 0, 1)
+        train_one_epoch(grid, optimizer, batches, device, 1, progress)
+        scheduler.step()
+        tracker.update(epoch + 1, validate(grid, val_tokens, val_labels, device), grid)
+    return grid.heads[0].cpu(), tracker
