@@ -36,7 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         root = generate_embedded_dataset(args.data_dir)
         print(f"embedded data set: {root} (train/ and val/ class folders)", flush=True)
-        cfg = load_config(args.config, [f"data.path={root / 'train'}", *args.overrides])
+        # k-NN every few epochs and attention maps in TensorBoard, on the embedded set's own splits.
+        defaults = [
+            f"data.path={root / 'train'}",
+            f"monitor.knn_data={root}",
+            f"monitor.attention_images={root / 'val'}",
+        ]
+        cfg = load_config(args.config, [*defaults, *args.overrides])
         result = train(cfg)
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -49,7 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"log:              {out}/log.jsonl")
     if not args.skip_knn:
         compare_knn(result.teacher.backbone, cfg, root)
+    grid = attention_grid(result.teacher.backbone, root, out)
+    print(f"\nattention of the teacher on a few held-out images: {grid}")
     return 0
+
+
+def attention_grid(teacher: torch.nn.Module, root: Path, out: Path) -> Path:
+    """The last block's CLS attention (mean and heads, 60% masks) on one image of each of four classes."""
+    from eval.visualize import write_attention_grid
+
+    classes = sorted(p for p in (root / "val").iterdir() if p.is_dir())[:4]
+    images = [sorted(c.glob("*.png"))[0] for c in classes]
+    return write_attention_grid(teacher.cpu().float(), images, out / "attention_grid.png", image_size=None)
 
 
 def compare_knn(teacher: torch.nn.Module, cfg, root: Path) -> None:

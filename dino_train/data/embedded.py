@@ -1,10 +1,11 @@
 """The "embedded default" data set: synthetic shapes and textures, generated deterministically on the fly.
 
-Ten classes (five filled shapes, a ring, a hexagon and three periodic textures) are drawn with random
-foreground and background colours from one shared distribution, a low-frequency background texture, pixel
+Ten classes (five filled shapes, a ring, a hexagon and three periodic textures) are drawn with
+multi-coloured foreground and background fields from one shared distribution (one bright, one dark), pixel
 noise, and random position, scale and rotation, so neither colour nor position identifies the class: a model
-must learn shape and texture. Shapes are kept large and near the centre so a 40%-area crop still shows
-the class.
+must learn shape and texture. Colours also vary across each image, so two crops of one image share its
+shape rather than a colour signature, which self-supervised training would otherwise latch on to. Shapes
+are kept large and near the centre so a 40%-area crop still shows the class.
 
 Layout written by :func:`generate_embedded_dataset`::
 
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 EMBEDDED_CLASSES: tuple[str, ...] = (
     "circle", "square", "triangle", "star", "cross", "ring", "hexagon", "stripes", "checkerboard", "dots",
 )  # fmt: skip
@@ -33,20 +34,6 @@ _GENERATOR = "dino_train.data.embedded"
 _SPLITS = ("train", "val")
 _SUPERSAMPLE = 2  # masks are drawn at 2x and box-downsampled: cheap anti-aliasing of edges
 _MIN_LUMA_GAP = 60.0  # foreground/background luminance gap, so shapes survive RandomGrayscale
-
-
-def _luma(rgb: np.ndarray) -> float:
-    return float(0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2])
-
-
-def _colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Background and foreground RGB colours (float, 0..255), identically distributed for every class."""
-    bg = rng.integers(0, 256, size=3).astype(np.float64)
-    for _ in range(1000):
-        fg = rng.integers(0, 256, size=3).astype(np.float64)
-        if abs(_luma(fg) - _luma(bg)) >= _MIN_LUMA_GAP:
-            return bg, fg
-    return bg, 255.0 - bg  # practically unreachable; keeps the function total
 
 
 def _polygon(cx: float, cy: float, radii: Sequence[float], angles: Sequence[float], rot: float) -> list:
@@ -117,13 +104,27 @@ def _texture_mask(name: str, rng: np.random.Generator, size: int) -> np.ndarray:
 _TEXTURES = frozenset({"stripes", "checkerboard", "dots"})
 
 
+def _colour_field(
+    rng: np.random.Generator, size: int, luma: tuple[float, float], grid: int = 4
+) -> np.ndarray:
+    """(size, size, 3) float colours varying smoothly over the image: a grid x grid of random colours with
+    luminance in ``luma``, upsampled bicubically. Colours change from region to region, so two crops of one
+    image do not share one colour signature: what they share is the shape or texture."""
+    cells = rng.integers(0, 256, size=(grid, grid, 3)).astype(np.float64)
+    target = rng.uniform(*luma, size=(grid, grid, 1))
+    cells += target - (cells @ np.array([0.299, 0.587, 0.114]))[..., None]
+    coarse = Image.fromarray(np.clip(cells, 0, 255).astype(np.uint8), "RGB")
+    return np.asarray(coarse.resize((size, size), Image.BICUBIC), dtype=np.float64)
+
+
 def render_image(class_name: str, rng: np.random.Generator, image_size: int) -> Image.Image:
     """Render one RGB image (image_size x image_size) of ``class_name`` using only ``rng`` for randomness."""
-    bg, fg = _colours(rng)
-    # Background texture: a coarse random grid upsampled bicubically gives smooth blotches (+-~20 levels).
-    coarse = np.clip(rng.normal(128.0, 24.0, size=(5, 5, 3)), 0, 255).astype(np.uint8)
-    blotches = np.asarray(Image.fromarray(coarse, "RGB").resize((image_size, image_size), Image.BICUBIC))
-    background = bg + (blotches.astype(np.float64) - 128.0)
+    # Foreground and background are multi-coloured fields on opposite sides of a luminance gap (which one is
+    # the brighter is random), so the shape survives grayscale and colour jitter but colour says nothing.
+    dark, bright = (20.0, 110.0), (110.0 + _MIN_LUMA_GAP, 240.0)
+    fg_luma, bg_luma = (bright, dark) if rng.random() < 0.5 else (dark, bright)
+    background = _colour_field(rng, image_size, bg_luma)
+    fg = _colour_field(rng, image_size, fg_luma)
     side = image_size * _SUPERSAMPLE
     draw_mask: Callable[[str, np.random.Generator, int], np.ndarray]
     draw_mask = _texture_mask if class_name in _TEXTURES else _shape_mask
