@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.memory import peak_mib, reset_peak
+from bench.memory import peak_mib, reset_peak, rss_mib
 from dino_train.knn import faiss_has_gpu, faiss_topk, knn_vote
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -50,23 +50,13 @@ def brute_topk(
     return torch.cat(sims), torch.cat(idx)
 
 
-def _rss_mib() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
 def _timed(fn, device: torch.device) -> tuple[object, float, float]:
     """Result, seconds and extra peak memory in MiB: the CUDA allocator peak on a GPU, else the process's
     resident-set high-water mark above its size when the work started."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     reset_peak(device)
-    start_rss = 0.0 if device.type == "cuda" else _rss_mib()
+    start_rss = 0.0 if device.type == "cuda" else rss_mib()
     start = time.perf_counter()
     out = fn()
     if device.type == "cuda":
@@ -84,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     train = F.normalize(torch.randn(args.n_train, args.dim, generator=g), dim=1)
     queries = F.normalize(torch.randn(args.n_query, args.dim, generator=g), dim=1)
     labels = torch.randint(0, args.num_classes, (args.n_train,), generator=g)
-    baseline = _rss_mib()
+    baseline = rss_mib()
 
     def predict(sims: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return knn_vote(sims.cpu(), labels[idx.cpu()], args.num_classes).argmax(1)

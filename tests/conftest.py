@@ -44,5 +44,17 @@ def tiny_overrides(data: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread, and when other processes hold the two cores,
+    OpenMP's spin-waiting makes two-thread ops 30x slower (measured): such tests run on one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def python() -> str:
     return sys.executable

@@ -17,14 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 COMMON = ["--resize", "32", "--crop", "32", "--num-workers", "0", "--device", "cpu", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and when other processes hold the two cores,
-    OpenMP's spin-waiting makes two-thread ops 30x slower (measured): run these tests on one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,7 @@ from dino_train.checkpoint import CheckpointError, export_backbone, with_prefix
 from dino_train.models import build_backbone, build_student_teacher
 from eval.loading import clean_keys, load_backbone
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and when other processes hold the two cores,
-    OpenMP's spin-waiting makes two-thread ops 30x slower (measured): run these tests on one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _vit(seed: int, patch: int = 8, img: int = 32) -> torch.nn.Module:

@@ -9,15 +9,7 @@ from PIL import Image
 
 from dino_train.knn import faiss_topk, knn_classify, knn_vote
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and when other processes hold the two cores,
-    OpenMP's spin-waiting makes two-thread ops 30x slower (measured): run these tests on one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bank(n: int, m: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
