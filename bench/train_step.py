@@ -53,7 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _modules(args: argparse.Namespace, precision: str, device: torch.device, compiled: bool, ckpt: bool):
+def _modules(
+    args: argparse.Namespace, precision: str, device: torch.device, compiled: bool, ckpt: bool, attention: str
+):
     overrides = [
         f"model.arch={args.arch}",
         f"model.patch_size={args.patch}",
@@ -67,6 +69,7 @@ def _modules(args: argparse.Namespace, precision: str, device: torch.device, com
         f"train.precision={precision}",
         f"train.compile={str(compiled).lower()}",
         f"train.grad_checkpointing={str(ckpt).lower()}",
+        f"train.fused_attention={'on' if attention == 'fused' else 'off'}",
         "optim.warmup_epochs=0",
     ]
     cfg = load_config(None, overrides)
@@ -88,10 +91,7 @@ def _batches(args: argparse.Namespace, cfg, device: torch.device):
 
 
 def run_one(args, precision: str, compiled: bool, attention: str, ckpt: bool, device, peaks) -> dict:
-    cfg, mods = _modules(args, precision, device, compiled, ckpt)
-    for model in (mods.student_plain, mods.teacher):
-        for block in model.backbone.blocks:
-            block.attn.fused_attn = attention == "fused"  # explicit: softmax(q k^T) materialised
+    cfg, mods = _modules(args, precision, device, compiled, ckpt, attention)
     values = StepValues(lr=1e-4, weight_decay=0.04, momentum=0.996, teacher_temp=0.04)
     batches = _batches(args, cfg, device)
     data_time = [0.0]
@@ -156,13 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     grid = itertools.product(args.precision, args.compile, args.attention, args.checkpointing)
     rows = [run_one(args, p, c == "on", a, k == "on", device, peaks) for p, c, a, k in grid]
     head = (
-        f"{'arch':<12}{'prec':<6}{'compile':<8}{'attention':<10}{'ckpt':<6}{'batch':>6}  {'crops':<14}"
+        f"{'arch':<14}{'prec':<6}{'compile':<8}{'attention':<10}{'ckpt':<6}{'batch':>6}  {'crops':<14}"
         f"{'step s':>8}{'data s':>8}{'img/s':>8}{'GFLOP/s':>9}{'peak':>8}{'MFU':>6}{'MiB':>7}{'step MiB':>9}"
     )
     print(head)
     for r in rows:
         print(
-            f"{r['arch']:<12}{r['precision']:<6}{str(r['compile']):<8}{r['attention']:<10}"
+            f"{r['arch']:<14}{r['precision']:<6}{str(r['compile']):<8}{r['attention']:<10}"
             f"{str(r['checkpointing']):<6}{r['batch']:>6}  {r['crops']:<14}"
             f"{r['step_s']:>8.3f}{r['data_s']:>8.3f}"
             f"{r['images_per_s']:>8.1f}{r['achieved_gflops']:>9.1f}{r['peak_gflops']:>8.0f}{r['mfu']:>6.0%}"

@@ -59,6 +59,12 @@ def build_modules(cfg: Config, env: DistEnv, device: torch.device, precision: st
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
     student, teacher = student.to(device), teacher.to(device)
+    fused = cfg.train.fused_attention == "on" or (
+        cfg.train.fused_attention == "auto" and device.type == "cuda"
+    )
+    for model in (student, teacher):
+        for block in model.backbone.blocks:
+            block.attn.fused_attn = fused
     if cfg.train.grad_checkpointing:
         # Only the student trains; the teacher runs under no_grad and keeps no activations anyway.
         student.backbone.set_grad_checkpointing(True)
