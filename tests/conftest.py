@@ -44,6 +44,20 @@ def tiny_overrides(data: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.fixture(scope="module")
+def backbone_file(tmp_path_factory) -> Path:
+    """A random ViT-Tiny/8 (32 px grid) saved as a backbone-only file, as ``teacher_backbone.pth`` is."""
+    import torch
+
+    from dino_train.checkpoint import export_backbone
+    from dino_train.models import build_backbone
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "teacher_backbone.pth"
+    export_backbone(build_backbone("vit_tiny", patch_size=8, img_size=32), path)
+    return path
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models gain nothing from a second thread, and when other processes hold the two cores,

@@ -16,7 +16,6 @@ from PIL import Image
 import dino
 from dino.models import _override_texts, resolve_config_path
 from dino_train.attention import prepare_image, summarize
-from dino_train.checkpoint import export_backbone
 from dino_train.config import load_config
 from dino_train.data import eval_transform
 from dino_train.knn import knn_classify
@@ -29,14 +28,6 @@ HEADS, DIM = 3, 192  # vit_tiny
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def backbone_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "teacher_backbone.pth"
-    export_backbone(build_backbone("vit_tiny", patch_size=8, img_size=32), path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from dino_train.checkpoint import export_backbone
 from dino_train.models import build_backbone
 from eval import knn_eval, linear_eval
 
@@ -18,14 +17,6 @@ COMMON = ["--resize", "32", "--crop", "32", "--num-workers", "0", "--device", "c
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def backbone_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "teacher_backbone.pth"
-    export_backbone(build_backbone("vit_tiny", patch_size=8, img_size=32), path)
-    return path
 
 
 def _torchrun(module: str, *args: str) -> None:
