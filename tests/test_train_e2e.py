@@ -132,3 +132,14 @@ def test_cli_errors_name_the_cause_before_compute(tiny_data, tmp_path, extra, ke
     assert proc.returncode == 2
     assert key in proc.stderr and "Traceback" not in proc.stderr
     assert not (out / "checkpoint.pth").exists()
+
+
+def test_resume_with_another_world_size_continues_by_samples_seen(tiny_data, tmp_path):
+    out = tmp_path / "rescale"
+    first = run(tiny_data, out, "train.max_steps=3")  # 1 process x 8 images: 24 samples seen
+    assert first.step == 3
+    proc = torchrun(2, "dino_train/main.py", *tiny_overrides(tiny_data, out, "train.max_steps=4"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "schedules continue by samples seen, at step 2" in proc.stdout  # 24 / (2 x 8) = 1.5 -> 2
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["world_size"] == 2 and ckpt["step"] == 4 and ckpt["samples_seen"] == 64
