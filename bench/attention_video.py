@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench.device import pick_device
 from bench.memory import peak_mib, reset_peak
 from dino_train.attention import prepare_image
 from dino_train.models import build_backbone
@@ -91,10 +92,7 @@ def time_end_to_end(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if use_cuda else "cpu")
+    device = pick_device(args.device, args.threads)
     frames = make_frames(args.frames, args.height, args.width)
     rows = []
     print(f"attention video: {args.frames} frames of {args.height}x{args.width}, device {device.type}, "
@@ -119,10 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "frame_size": [args.height, args.width],
         "frames": args.frames,
-        "device": torch.cuda.get_device_name(device) if use_cuda else "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "peak_memory_kind": "cuda max_memory_allocated" if use_cuda else "process RSS high-water",
+        "peak_memory_kind": "cuda max_memory_allocated"
+        if device.type == "cuda"
+        else "process RSS high-water",
         "platform": platform.platform(),
         "torch": torch.__version__,
         "rows": rows,

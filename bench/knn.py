@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.device import pick_device
 from bench.memory import peak_mib, reset_peak, rss_mib
 from dino_train.knn import faiss_has_gpu, faiss_topk, knn_vote
 
@@ -66,10 +67,7 @@ def _timed(fn, device: torch.device) -> tuple[object, float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if use_cuda else "cpu")
+    device = pick_device(args.device, args.threads)
     g = torch.Generator().manual_seed(args.seed)
     train = F.normalize(torch.randn(args.n_train, args.dim, generator=g), dim=1)
     queries = F.normalize(torch.randn(args.n_query, args.dim, generator=g), dim=1)
