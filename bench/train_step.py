@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from bench.device import pick_device
 from bench.flops import count_flops, matmul_peak
 from bench.memory import peak_mib, reset_peak, rss_mib
 from dino_train.build import build_modules
@@ -69,7 +70,7 @@ def _modules(
         f"train.precision={precision}",
         f"train.compile={str(compiled).lower()}",
         f"train.grad_checkpointing={str(ckpt).lower()}",
-        f"train.fused_attention={'on' if attention == 'fused' else 'off'}",
+        f"train.fused_attention={attention}",
         "optim.warmup_epochs=0",
     ]
     cfg = load_config(None, overrides)
@@ -149,9 +150,7 @@ def run_one(args, precision: str, compiled: bool, attention: str, ckpt: bool, de
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device, args.threads)
     peaks = {p: matmul_peak(DTYPES[p], device) for p in args.precision}
     grid = itertools.product(args.precision, args.compile, args.attention, args.checkpointing)
     rows = [run_one(args, p, c == "on", a, k == "on", device, peaks) for p, c, a, k in grid]

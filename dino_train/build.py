@@ -59,7 +59,7 @@ def build_modules(cfg: Config, env: DistEnv, device: torch.device, precision: st
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
     student, teacher = student.to(device), teacher.to(device)
-    fused = cfg.train.fused_attention == "on" or (
+    fused = cfg.train.fused_attention == "fused" or (
         cfg.train.fused_attention == "auto" and device.type == "cuda"
     )
     for model in (student, teacher):

@@ -376,7 +376,12 @@ def validate(cfg: Config) -> None:
         "train.accumulation_steps",
         f"{t.accumulation_steps} does not divide data.batch_size_per_gpu={d.batch_size_per_gpu}",
     )
-    _check(t.fused_attention in ("auto", "on", "off"), "train.fused_attention", "must be auto, on or off")
+    # Not on/off: YAML reads those as booleans.
+    _check(
+        t.fused_attention in ("auto", "fused", "explicit"),
+        "train.fused_attention",
+        f"must be auto, fused or explicit, got {t.fused_attention!r}",
+    )
     _check(t.keep_last >= 1, "train.keep_last", f"must be at least 1, got {t.keep_last}")
     _check(t.log_every_steps >= 1, "train.log_every_steps", f"must be at least 1, got {t.log_every_steps}")
     _check(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be at least 1")

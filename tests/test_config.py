@@ -104,3 +104,9 @@ def test_round_trip_through_yaml_and_dict(tmp_path):
 def test_scaled_lr():
     assert scaled_lr(0.0005, 64, 8) == pytest.approx(0.001)
     assert scaled_lr(0.0005, 64, 16) == pytest.approx(0.002)
+
+
+def test_fused_attention_values_from_the_command_line():
+    assert load_config(None, DATA + ["train.fused_attention=explicit"]).train.fused_attention == "explicit"
+    with pytest.raises(ConfigError, match="train.fused_attention"):
+        load_config(None, DATA + ["train.fused_attention=on"])
