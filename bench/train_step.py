@@ -3,7 +3,20 @@
 step alone) or through the real multi-crop data loader.
 
 ``python -m bench.train_step --arch vit_small --patch 16 --batch 16 --precision bf16 fp32 --compile off on
---attention fused explicit`` prints a table and writes bench/results/train_step.json.
+--attention fused explicit`` prints a table and writes bench/results/train_step.json; ``--recipe
+configs/demo.yaml`` takes the model and crops from a recipe instead.
+
+Each configuration runs in a fresh process (``--no-isolate`` runs them in this one), so one row's memory
+does not carry into the next. Memory is measured on one extra step after the timed ones. On the CPU that
+step runs with glibc's mmap threshold fixed at 128 KiB and the free heap trimmed first (bench.memory): every
+tensor buffer is then its own mapping, handed back to the system when freed, so the resident-set
+high-water mark over the step minus the resident set before it is the step's own peak (activations,
+gradients, optimizer temporaries), the CPU counterpart of CUDA's peak allocated memory. (Timing runs with
+the default allocator: a fixed threshold makes every allocation a page-faulting mmap.)
+
+Two derived columns compare rows of one run: ``mem x`` is the step's peak over that of the same row with
+explicit attention, and ``vs ref`` is the speed-up over the release-equivalent step (fp32, explicit
+softmax attention, eager), when those rows are in the grid.
 """
 
 from __future__ import annotations
@@ -13,6 +26,9 @@ import itertools
 import json
 import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,7 +36,7 @@ import torch
 
 from bench.device import pick_device
 from bench.flops import count_flops, matmul_peak
-from bench.memory import peak_mib, reset_peak, rss_mib
+from bench.memory import measure_step_memory
 from dino_train.build import build_modules
 from dino_train.config import load_config
 from dino_train.distributed import DistEnv
@@ -33,13 +49,14 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="vit_small")
-    p.add_argument("--patch", type=int, default=16)
-    p.add_argument("--batch", type=int, default=16, help="images per step")
-    p.add_argument("--global-size", type=int, default=224)
-    p.add_argument("--local-size", type=int, default=96)
-    p.add_argument("--local-crops", type=int, default=10)
-    p.add_argument("--out-dim", type=int, default=65536)
+    p.add_argument("--recipe", type=Path, default=None, help="a recipe yaml for the model and crops")
+    p.add_argument("--arch", default=None, help="default: the recipe's, else vit_small")
+    p.add_argument("--patch", type=int, default=None, help="default: the recipe's, else 16")
+    p.add_argument("--batch", type=int, default=None, help="images per step (default: recipe's, else 16)")
+    p.add_argument("--global-size", type=int, default=None, help="default: the recipe's, else 224")
+    p.add_argument("--local-size", type=int, default=None, help="default: the recipe's, else 96")
+    p.add_argument("--local-crops", type=int, default=None, help="default: the recipe's, else 10")
+    p.add_argument("--out-dim", type=int, default=None, help="default: the recipe's, else 65536")
     p.add_argument("--precision", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
     p.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"])
     p.add_argument("--attention", nargs="+", default=["fused"], choices=["fused", "explicit"])
@@ -51,7 +68,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", type=Path, default=RESULTS / "train_step.json")
+    p.add_argument("--no-isolate", action="store_true", help="run every configuration in this process")
+    p.add_argument("--row", default="", help=argparse.SUPPRESS)  # internal: one configuration, in a child
+    p.add_argument("--peaks", default="", help=argparse.SUPPRESS)  # internal: the parent's matmul peaks
     return p.parse_args(argv)
+
+
+# Without a recipe: the paper's ViT-S/16 multi-crop step with the release's head.
+_PLAIN = {"arch": "vit_small", "patch": 16, "batch": 16, "global_size": 224, "local_size": 96,
+          "local_crops": 10, "out_dim": 65536}  # fmt: skip
+_RECIPE_KEYS = {
+    "arch": "model.arch",
+    "patch": "model.patch_size",
+    "batch": "data.batch_size_per_gpu",
+    "global_size": "data.global_crops_size",
+    "local_size": "data.local_crops_size",
+    "local_crops": "data.local_crops_number",
+    "out_dim": "model.out_dim",
+}
+
+
+def resolve_shape(args: argparse.Namespace) -> None:
+    """Fill the model and crop arguments left unset from the recipe (or the plain ViT-S/16 step)."""
+    base = load_config(args.recipe, []) if args.recipe else None
+    for name, key in _RECIPE_KEYS.items():
+        if getattr(args, name) is None:
+            section, field = key.split(".")
+            value = getattr(getattr(base, section), field) if base else _PLAIN[name]
+            setattr(args, name, value)
 
 
 def _modules(
@@ -73,7 +117,7 @@ def _modules(
         f"train.fused_attention={attention}",
         "optim.warmup_epochs=0",
     ]
-    cfg = load_config(None, overrides)
+    cfg = load_config(args.recipe, overrides)
     return cfg, build_modules(cfg, DistEnv(), device, precision)
 
 
@@ -112,13 +156,13 @@ def run_one(args, precision: str, compiled: bool, attention: str, ckpt: bool, de
             freeze_last_layer=1,
         )
 
-    for _ in range(args.warmup):
+    # Compiled: the first calls compile per resolution and grad mode, then recompile once with dynamic
+    # batch sizes; timing starts after those.
+    for _ in range(args.warmup + (2 if compiled else 0)):
         step()
     flops = count_flops(step)  # one more step, counted (not timed)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    reset_peak(device)
-    base = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else rss_mib()
     data_time[0] = 0.0
     t0 = time.perf_counter()
     for _ in range(args.steps):
@@ -126,7 +170,10 @@ def run_one(args, precision: str, compiled: bool, attention: str, ckpt: bool, de
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.steps
+    data_s = data_time[0] / args.steps
+    step_peak, peak = measure_step_memory(step, device)
     return {
+        "recipe": args.recipe.stem if args.recipe else "",
         "arch": f"{args.arch}/{args.patch}",
         "precision": precision,
         "compile": compiled,
@@ -136,27 +183,56 @@ def run_one(args, precision: str, compiled: bool, attention: str, ckpt: bool, de
         "crops": f"2x{args.global_size}+{args.local_crops}x{args.local_size}",
         "source": "loader" if args.data else "random",
         "step_s": dt,
-        "data_s": data_time[0] / args.steps,
+        "data_s": data_s,
         "images_per_s": args.batch / dt,
         "gflop_per_step": flops / 1e9,
         "achieved_gflops": flops / dt / 1e9,
         "peak_gflops": peaks[precision] / 1e9,
         "mfu": flops / dt / peaks[precision],
-        "peak_mib": peak_mib(device),
+        "peak_mib": peak,
         # What the step itself adds above the memory held between steps (weights, optimizer state).
-        "step_peak_mib": peak_mib(device) - base,
+        "step_peak_mib": step_peak,
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    device = pick_device(args.device, args.threads)
-    peaks = {p: matmul_peak(DTYPES[p], device) for p in args.precision}
-    grid = itertools.product(args.precision, args.compile, args.attention, args.checkpointing)
-    rows = [run_one(args, p, c == "on", a, k == "on", device, peaks) for p, c, a, k in grid]
+def run_isolated(argv: list[str], combo: tuple[str, str, str, str], peaks: dict[str, float]) -> dict:
+    """One configuration in a fresh interpreter; its row comes back through a JSON file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        cmd = [sys.executable, "-m", "bench.train_step", *argv, "--row", ",".join(combo)]
+        cmd += ["--peaks", json.dumps(peaks), "--json", str(out)]
+        done = subprocess.run(cmd, check=False)
+        if done.returncode:
+            raise SystemExit(f"bench.train_step: configuration {combo} failed (exit {done.returncode})")
+        return json.loads(out.read_text())["rows"][0]
+
+
+def add_comparisons(rows: list[dict]) -> None:
+    """``mem_vs_explicit``: step peak over the same row with explicit attention; ``speedup_vs_ref``: the
+    release-equivalent row's step time (fp32, explicit, eager, no checkpointing) over this row's."""
+
+    def key(r: dict, **changes) -> tuple:
+        d = {**r, **changes}
+        return (d["recipe"], d["arch"], d["batch"], d["crops"], d["precision"], d["compile"],
+                d["attention"], d["checkpointing"])  # fmt: skip
+
+    by_key = {key(r): r for r in rows}
+    for r in rows:
+        explicit = by_key.get(key(r, attention="explicit", checkpointing=False))
+        ref = by_key.get(key(r, precision="fp32", compile=False, attention="explicit", checkpointing=False))
+        r["mem_vs_explicit"] = r["step_peak_mib"] / explicit["step_peak_mib"] if explicit else None
+        r["speedup_vs_ref"] = ref["step_s"] / r["step_s"] if ref else None
+
+
+def _fmt(v: float | None, spec: str, width: int) -> str:
+    return f"{'-':>{width}}" if v is None else f"{v:>{width}{spec}}"
+
+
+def print_table(rows: list[dict]) -> None:
     head = (
         f"{'arch':<14}{'prec':<6}{'compile':<8}{'attention':<10}{'ckpt':<6}{'batch':>6}  {'crops':<14}"
         f"{'step s':>8}{'data s':>8}{'img/s':>8}{'GFLOP/s':>9}{'peak':>8}{'MFU':>6}{'MiB':>7}{'step MiB':>9}"
+        f"{'mem x':>7}{'vs ref':>7}"
     )
     print(head)
     for r in rows:
@@ -166,20 +242,60 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['step_s']:>8.3f}{r['data_s']:>8.3f}"
             f"{r['images_per_s']:>8.1f}{r['achieved_gflops']:>9.1f}{r['peak_gflops']:>8.0f}{r['mfu']:>6.0%}"
             f"{r['peak_mib']:>7.0f}{r['step_peak_mib']:>9.0f}"
+            f"{_fmt(r.get('mem_vs_explicit'), '.2f', 7)}{_fmt(r.get('speedup_vs_ref'), '.2f', 7)}"
         )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    resolve_shape(args)
+    device = pick_device(args.device, args.threads)
+    if args.peaks:
+        peaks = json.loads(args.peaks)
+    else:
+        peaks = {p: matmul_peak(DTYPES[p], device) for p in args.precision}
+    if args.row:
+        combos = [tuple(args.row.split(","))]
+    else:
+        combos = list(itertools.product(args.precision, args.compile, args.attention, args.checkpointing))
+    if args.row or args.no_isolate:
+        rows = [run_one(args, p, c == "on", a, k == "on", device, peaks) for p, c, a, k in combos]
+    else:
+        base = _strip(argv, {"--json", "--precision", "--compile", "--attention", "--checkpointing"})
+        rows = [run_isolated(base, combo, peaks) for combo in combos]
+    add_comparisons(rows)
+    if not args.row:
+        print_table(rows)
     meta = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
+        "isolated": not args.no_isolate,
         "load_avg_at_end": os.getloadavg(),
         "matmul_peak_gflops": {p: v / 1e9 for p, v in peaks.items()},
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"wrote {args.json}")
+    if not args.row:
+        print(f"wrote {args.json}")
     return 0
+
+
+def _strip(argv: list[str], options: set[str]) -> list[str]:
+    """argv without the given options and their values (the child gets one configuration instead)."""
+    out, skipping = [], False
+    for a in argv:
+        if a.startswith("--"):
+            skipping = a.split("=")[0] in options
+            if skipping and "=" in a:
+                skipping = False
+                continue
+        if not skipping:
+            out.append(a)
+    return out
 
 
 if __name__ == "__main__":

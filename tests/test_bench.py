@@ -1,0 +1,60 @@
+"""The benchmarks' own measuring: CPU step memory accounting and the train-step table's comparisons."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _python(code: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_cpu_step_memory_sees_a_known_peak_and_not_what_was_held_before():
+    # A fresh interpreter: exact accounting changes this process's allocator for good.
+    out = _python(
+        "import torch\n"
+        "from bench.memory import measure_step_memory\n"
+        "held = torch.ones(32 * 2**20 // 4)  # 32 MiB held before the step: not part of its peak\n"
+        "def step():\n"
+        "    a = torch.ones(48 * 2**20 // 4)\n"
+        "    b = a * 2  # 96 MiB live at once\n"
+        "    del a, b\n"
+        "    c = torch.ones(16 * 2**20 // 4)  # freed memory came back: the peak stays at 96\n"
+        "    return c.sum()\n"
+        "print(measure_step_memory(step, torch.device('cpu'))[0])\n"
+    )
+    peak = float(out.strip().splitlines()[-1])
+    assert 90 <= peak <= 110, peak
+
+
+def test_train_step_bench_rows_compare_with_explicit_attention_and_the_reference(tmp_path):
+    out = tmp_path / "step.json"
+    cmd = [
+        sys.executable, "-m", "bench.train_step", "--arch", "vit_tiny", "--patch", "16", "--batch", "2",
+        "--global-size", "32", "--local-size", "16", "--local-crops", "2", "--out-dim", "256",
+        "--precision", "fp32", "--attention", "fused", "explicit", "--steps", "1", "--threads", "1",
+        "--json", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "mem x" in done.stdout and "vs ref" in done.stdout
+    data = json.loads(out.read_text())
+    assert data["meta"]["isolated"] is True
+    rows = {r["attention"]: r for r in data["rows"]}
+    assert set(rows) == {"fused", "explicit"}
+    # The explicit fp32 eager row is the reference for both comparisons.
+    assert rows["explicit"]["mem_vs_explicit"] == 1.0 and rows["explicit"]["speedup_vs_ref"] == 1.0
+    fused = rows["fused"]
+    assert fused["speedup_vs_ref"] == rows["explicit"]["step_s"] / fused["step_s"]
+    for r in rows.values():
+        assert r["step_s"] > 0 and r["gflop_per_step"] > 0 and r["step_peak_mib"] > 0
+        assert 0 < r["mfu"] < 1.5
