@@ -60,6 +60,9 @@ def parts() -> dict[str, list[str]]:
             "--attention",
             "fused",
             "explicit",
+            "--checkpointing",
+            "off",
+            "on",
             "--json",
             str(RESULTS / "step_vits16.json"),
         ],  # fmt: skip

@@ -68,6 +68,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", type=Path, default=RESULTS / "train_step.json")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="print the N operators that take the most time in one more step (torch.profiler)",
+    )
     p.add_argument("--no-isolate", action="store_true", help="run every configuration in this process")
     p.add_argument("--row", default="", help=argparse.SUPPRESS)  # internal: one configuration, in a child
     p.add_argument("--peaks", default="", help=argparse.SUPPRESS)  # internal: the parent's matmul peaks
@@ -171,6 +178,8 @@ def run_one(args, precision: str, compiled: bool, attention: str, ckpt: bool, de
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.steps
     data_s = data_time[0] / args.steps
+    if args.profile:
+        profile_step(step, device, args.profile)
     step_peak, peak = measure_step_memory(step, device)
     return {
         "recipe": args.recipe.stem if args.recipe else "",
@@ -222,6 +231,19 @@ def add_comparisons(rows: list[dict]) -> None:
         ref = by_key.get(key(r, precision="fp32", compile=False, attention="explicit", checkpointing=False))
         r["mem_vs_explicit"] = r["step_peak_mib"] / explicit["step_peak_mib"] if explicit else None
         r["speedup_vs_ref"] = ref["step_s"] / r["step_s"] if ref else None
+
+
+def profile_step(step, device: torch.device, top: int) -> None:
+    """Where one step's time goes, by operator (self time), to see what dominates it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=top), flush=True)
 
 
 def _fmt(v: float | None, spec: str, width: int) -> str:

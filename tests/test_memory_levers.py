@@ -1,4 +1,5 @@
-"""Gradient accumulation and activation checkpointing give the same step as the plain path.
+"""Gradient accumulation, activation checkpointing, fused attention and torch.compile give the same step
+as the plain path (explicit softmax attention, eager, one batch).
 
 SGD, so the update is linear in the gradient (Adam's first step is sign(g) * lr, which amplifies float
 noise on gradients that are zero in exact arithmetic, such as the attention's key bias)."""
@@ -16,6 +17,7 @@ VALUES = StepValues(lr=1e-3, weight_decay=0.04, momentum=0.9, teacher_temp=0.04)
 
 
 def modules(**train):
+    train.setdefault("fused_attention", "explicit")
     overrides = [
         "data.path=x",
         "model.arch=vit_tiny",
@@ -50,7 +52,13 @@ def step(mods, crops, accumulation_steps=1):
 
 
 @pytest.mark.parametrize(
-    "levers, accum", [({"accumulation_steps": 4}, 4), ({"grad_checkpointing": "true"}, 1)]
+    "levers, accum",
+    [
+        ({"accumulation_steps": 4}, 4),
+        ({"grad_checkpointing": "true"}, 1),
+        ({"fused_attention": "fused"}, 1),
+        ({"compile": "true"}, 1),
+    ],
 )
 def test_lever_matches_plain_step(levers, accum):
     torch.manual_seed(0)
