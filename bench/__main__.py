@@ -24,82 +24,37 @@ _VITS8_BATCH = "32" if _GPU else "4"
 _DEMO_DATA = Path("data/embedded")
 
 
+def _step(args: str, json_name: str, steps: int = 2) -> list[str]:
+    return ["bench.train_step", "--steps", str(steps), *args.split(), "--json", str(RESULTS / json_name)]
+
+
 def parts() -> dict[str, list[str]]:
     """Name -> module and arguments. The JSON names are what :func:`summary` reads back."""
-    step = ["bench.train_step", "--steps", "2"]
     return {
         # The demo recipe through its real loader: the data time against the step time.
-        "demo": [
-            *step,
-            "--recipe",
-            "configs/demo.yaml",
-            "--data",
-            str(_DEMO_DATA / "train"),
-            "--workers",
-            "1",
-            "--precision",
-            "bf16",
-            "fp32",
-            "--compile",
-            "off",
-            "on",
-            "--attention",
-            "explicit",
-            "fused",
-            "--json",
-            str(RESULTS / "step_demo.json"),
-        ],  # fmt: skip
+        "demo": _step(
+            f"--recipe configs/demo.yaml --data {_DEMO_DATA / 'train'} --workers 1 --precision bf16 fp32 "
+            "--compile off on --attention explicit fused",
+            "step_demo.json",
+        ),
         # The paper's ViT-S/16 step (2x224 + 10x96, 65536 prototypes): MFU and the release-equivalent row.
-        "step": [
-            *step,
-            "--batch",
-            _VITS16_BATCH,
-            "--precision",
-            "bf16",
-            "fp32",
-            "--attention",
-            "fused",
-            "explicit",
-            "--checkpointing",
-            "off",
-            "on",
-            "--json",
-            str(RESULTS / "step_vits16.json"),
-        ],  # fmt: skip
-        "compile": [
-            *step,
-            "--batch",
-            _VITS16_BATCH,
-            "--precision",
-            "bf16",
-            "--compile",
-            "off",
-            "on",
-            "--attention",
-            "fused" if _GPU else "explicit",
-            "--json",
-            str(RESULTS / "step_vits16_compile.json"),
-        ],  # fmt: skip
+        "step": _step(
+            f"--batch {_VITS16_BATCH} --precision bf16 fp32 --attention fused explicit "
+            "--checkpointing off on",
+            "step_vits16.json",
+        ),
+        "compile": _step(
+            f"--batch {_VITS16_BATCH} --precision bf16 --compile off on "
+            f"--attention {'fused' if _GPU else 'explicit'}",
+            "step_vits16_compile.json",
+        ),
         # Memory levers where attention is a large share of the activations (785 tokens per global crop).
-        "memory": [
-            "bench.train_step",
-            "--steps",
-            "1",
-            "--patch",
-            "8",
-            "--batch",
-            _VITS8_BATCH,
-            "--precision",
-            "bf16",
-            "--attention",
-            "fused",
-            "explicit",
-            "--checkpointing",
-            "off",
-            "on",
-            "--json",
-            str(RESULTS / "step_vits8_memory.json"),
-        ],  # fmt: skip
+        "memory": _step(
+            f"--patch 8 --batch {_VITS8_BATCH} --precision bf16 --attention fused explicit "
+            "--checkpointing off on",
+            "step_vits8_memory.json",
+            steps=1,
+        ),
         "data": ["bench.data_pipeline", "--json", str(RESULTS / "data_pipeline.json")],
         "knn": ["bench.knn", "--json", str(RESULTS / "knn.json")],
         "video": ["bench.attention_video", "--frames", "8", "--json", str(RESULTS / "attention_video.json")],
@@ -133,7 +88,7 @@ def summary() -> dict:
                     "step_peak_mib",
                     "mem_vs_explicit",
                     "speedup_vs_ref",
-                )  # fmt: skip
+                )
             }
     for name in ("data_pipeline.json", "knn.json", "attention_video.json"):
         data = _load(name)

@@ -7,12 +7,8 @@ step alone) or through the real multi-crop data loader.
 configs/demo.yaml`` takes the model and crops from a recipe instead.
 
 Each configuration runs in a fresh process (``--no-isolate`` runs them in this one), so one row's memory
-does not carry into the next. Memory is measured on one extra step after the timed ones. On the CPU that
-step runs with glibc's mmap threshold fixed at 128 KiB and the free heap trimmed first (bench.memory): every
-tensor buffer is then its own mapping, handed back to the system when freed, so the resident-set
-high-water mark over the step minus the resident set before it is the step's own peak (activations,
-gradients, optimizer temporaries), the CPU counterpart of CUDA's peak allocated memory. (Timing runs with
-the default allocator: a fixed threshold makes every allocation a page-faulting mmap.)
+does not carry into the next. Memory is measured on one extra step after the timed ones, with exact CPU
+accounting switched on only then (bench.memory explains why: it would slow the timed steps).
 
 Two derived columns compare rows of one run: ``mem x`` is the step's peak over that of the same row with
 explicit attention, and ``vs ref`` is the speed-up over the release-equivalent step (fp32, explicit
