@@ -25,6 +25,7 @@ def test_uniform_teacher_metrics():
     assert m["teacher_entropy"].item() == pytest.approx(math.log(k), rel=1e-6)
     assert m["teacher_entropy_ratio"].item() == pytest.approx(1.0, rel=1e-6)
     assert m["batch_entropy_ratio"].item() == pytest.approx(1.0, rel=1e-6)
+    assert m["teacher_information"].item() == pytest.approx(0.0, abs=1e-6)
     assert m["kl_teacher_student"].item() == pytest.approx(0.0, abs=1e-6)  # both uniform
     assert m["center_norm"].item() == 0.0
 
@@ -37,9 +38,23 @@ def test_one_prototype_teacher_metrics():
     assert m["teacher_entropy_ratio"].item() < 1e-6
     assert m["batch_entropy_ratio"].item() < 1e-6
     assert m["prototypes_in_use"].item() == 1
+    assert m["teacher_information"].item() == pytest.approx(0.0, abs=1e-5)
     # KL(one-hot || uniform student) = log K.
     assert m["kl_teacher_student"].item() == pytest.approx(math.log(k), rel=1e-5)
     assert m["center_norm"].item() == pytest.approx(math.sqrt(k))
+
+
+def test_information_of_a_flat_but_image_dependent_teacher():
+    # Four crops, K=4: crop i puts logit 0.04 on prototype i (p = e/(e+3) there, 1/(e+3) elsewhere at
+    # temperature 0.04). Each distribution is nearly flat, but the batch mean is exactly uniform.
+    k = 4
+    teacher = torch.eye(k) * 0.04
+    m = dino_metrics(torch.zeros(2 * 2, k), teacher, torch.zeros(1, k), 0.04, 0.1)
+    hi, lo = math.e / (math.e + 3), 1 / (math.e + 3)
+    entropy = -(hi * math.log(hi) + 3 * lo * math.log(lo))
+    assert m["teacher_entropy"].item() == pytest.approx(entropy, rel=1e-5)
+    assert m["batch_entropy_ratio"].item() == pytest.approx(1.0, rel=1e-5)
+    assert m["teacher_information"].item() == pytest.approx(math.log(k) - entropy, rel=1e-4)
 
 
 def test_kl_pairs_views_like_the_loss():
@@ -62,6 +77,7 @@ def test_detector_fires_after_patience_once_per_episode():
     uniform = {
         "teacher_entropy_ratio": 0.99,
         "batch_entropy_ratio": 1.0,
+        "teacher_information": 0.004,
         "prototypes_in_use": 50,
         "student_feature_std": 0.05,
     }
@@ -72,6 +88,7 @@ def test_detector_fires_after_patience_once_per_episode():
     one = {
         "teacher_entropy_ratio": 0.0,
         "batch_entropy_ratio": 0.0,
+        "teacher_information": 0.0,
         "prototypes_in_use": 1,
         "student_feature_std": 1e-5,
     }
@@ -82,10 +99,17 @@ def test_detector_fires_after_patience_once_per_episode():
     healthy = {
         "teacher_entropy_ratio": 0.5,
         "batch_entropy_ratio": 0.6,
+        "teacher_information": 0.8,
         "prototypes_in_use": 40,
         "student_feature_std": 0.04,
     }
     assert all(d.check(healthy, s) == [] for s in range(6, 20))
+    # Flat but still image-dependent (the demo's early phase): not a collapse.
+    flat = {**healthy, "teacher_entropy_ratio": 0.985, "batch_entropy_ratio": 0.997, "teacher_information": 0.1}
+    assert all(d.check(flat, s) == [] for s in range(20, 40))
+    # The same flatness once the information is gone is.
+    gone = {**flat, "teacher_information": 0.01}
+    assert [len(d.check(gone, s)) for s in (40, 41)] == [0, 1]
 
 
 def get_json(url):
@@ -120,6 +144,7 @@ def test_healthy_run_logs_metrics_knn_and_no_warning(healthy_run):
     for key in (
         "teacher_entropy_ratio",
         "batch_entropy_ratio",
+        "teacher_information",
         "prototypes_in_use",
         "kl_teacher_student",
         "center_norm",
