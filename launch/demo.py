@@ -1,5 +1,5 @@
 """The demo: generate the embedded data set, pretrain DINO on it on this machine, and show that the
-teacher's features got better than a random backbone's (k-NN on the held-out split).
+teacher's features got better than a random backbone's (k-NN and a linear probe on the held-out split).
 
 ``python -m launch.demo [section.key=value ...]`` (``make demo`` runs it after setting up).
 """
@@ -28,7 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--data-dir", type=Path, default=Path("data/embedded"), help="where the data set is written"
     )
-    p.add_argument("--skip-knn", action="store_true", help="do not run the k-NN comparison at the end")
+    p.add_argument(
+        "--skip-eval",
+        "--skip-knn",
+        action="store_true",
+        help="do not compare k-NN and linear probe with a random backbone at the end",
+    )
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = p.parse_args(argv)
 
@@ -53,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"teacher backbone: {out}/teacher_backbone.pth")
     print(f"TensorBoard:      tensorboard --logdir {out}/tensorboard")
     print(f"log:              {out}/log.jsonl")
-    if not args.skip_knn:
-        compare_knn(result.teacher.backbone, cfg, root)
+    if not args.skip_eval:
+        compare_to_random(result.teacher.backbone, cfg, root)
     grid = attention_grid(result.teacher.backbone, root, out)
     print(f"\nattention of the teacher on a few held-out images: {grid}")
     return 0
@@ -69,21 +74,34 @@ def attention_grid(teacher: torch.nn.Module, root: Path, out: Path) -> Path:
     return write_attention_grid(teacher.cpu().float(), images, out / "attention_grid.png", image_size=None)
 
 
-def compare_knn(teacher: torch.nn.Module, cfg, root: Path) -> None:
-    """k-NN accuracy of the trained teacher next to a randomly initialised backbone of the same shape."""
+def compare_to_random(teacher: torch.nn.Module, cfg, root: Path) -> dict[str, dict[str, float]]:
+    """k-NN and linear-probe top-1 of the trained teacher next to a random backbone of the same shape."""
     from eval.knn_eval import evaluate_knn
+    from eval.linear_eval import evaluate_linear
 
     size = cfg.data.global_crops_size
     m = cfg.model
     torch.manual_seed(cfg.train.seed + 1)
-    random_backbone = build_backbone(m.arch, m.patch_size, m.img_size or size)
-    kw = dict(ks=(10, 20), resize=size, crop=size, batch_size=128, device="cpu")
-    trained = evaluate_knn(teacher.cpu().float(), root / "train", root / "val", **kw)
-    random = evaluate_knn(random_backbone, root / "train", root / "val", **kw)
-    print("\nk-NN on the held-out split (top-1 %):")
-    print(f"{'k':>4} | {'random init':>11} | {'DINO teacher':>12}")
-    for k in trained:
-        print(f"{k:>4} | {random[k][0]:>11.1f} | {trained[k][0]:>12.1f}")
+    models = {
+        "random init": build_backbone(m.arch, m.patch_size, m.img_size or size),
+        "DINO teacher": teacher.cpu().float(),
+    }
+    scores: dict[str, dict[str, float]] = {}
+    for name, model in models.items():
+        knn = evaluate_knn(
+            model, root / "train", root / "val", ks=(10, 20), resize=size, crop=size, batch_size=128
+        )
+        scores[name] = {f"k-NN k={k}": top1 for k, (top1, _) in knn.items()}
+        scores[name]["linear probe"] = evaluate_linear(
+            model, root / "train", root / "val", resize=size, crop=size
+        )
+    print(
+        "\non the held-out split (top-1 %; linear: last 4 blocks' CLS tokens, 50 epochs on cached features):"
+    )
+    print(f"{'':>12} | {'random init':>11} | {'DINO teacher':>12}")
+    for row in scores["random init"]:
+        print(f"{row:>12} | {scores['random init'][row]:>11.1f} | {scores['DINO teacher'][row]:>12.1f}")
+    return scores
 
 
 if __name__ == "__main__":
