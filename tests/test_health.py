@@ -105,7 +105,12 @@ def test_detector_fires_after_patience_once_per_episode():
     }
     assert all(d.check(healthy, s) == [] for s in range(6, 20))
     # Flat but still image-dependent (the demo's early phase): not a collapse.
-    flat = {**healthy, "teacher_entropy_ratio": 0.985, "batch_entropy_ratio": 0.997, "teacher_information": 0.1}
+    flat = {
+        **healthy,
+        "teacher_entropy_ratio": 0.985,
+        "batch_entropy_ratio": 0.997,
+        "teacher_information": 0.1,
+    }
     assert all(d.check(flat, s) == [] for s in range(20, 40))
     # The same flatness once the information is gone is.
     gone = {**flat, "teacher_information": 0.01}
