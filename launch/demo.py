@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
             f"monitor.attention_images={root / 'val'}",
         ]
         cfg = load_config(args.config, [*defaults, *args.overrides])
+        if not any(o.startswith("train.output_dir=") for o in args.overrides):
+            cfg = load_config(args.config, [*defaults, *args.overrides, *free_output_dir(cfg)])
         result = train(cfg)
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -63,6 +65,27 @@ def main(argv: list[str] | None = None) -> int:
     grid = attention_grid(result.teacher.backbone, root, out)
     print(f"\nattention of the teacher on a few held-out images: {grid}")
     return 0
+
+
+def free_output_dir(cfg) -> list[str]:
+    """Keep the demo one command: an output dir holding a run of another model (say, an older demo
+    recipe) is left alone and the run goes to the next free ``<dir>-N``, instead of stopping with the
+    trainer's does-not-fit error. Returns the override to add (none when the dir is fine)."""
+    out = Path(cfg.train.output_dir)
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        return []
+    try:
+        same = load_config(saved).model == cfg.model
+    except ConfigError:  # written by another version of the schema
+        same = False
+    if same:
+        return []
+    n = 1
+    while Path(f"{out}-{n}").exists():
+        n += 1
+    print(f"{out} holds a run of another model (see its config.yaml); left as it is, writing to {out}-{n}")
+    return [f"train.output_dir={out}-{n}"]
 
 
 def attention_grid(teacher: torch.nn.Module, root: Path, out: Path) -> Path:

@@ -1,33 +1,70 @@
-"""The demo's promise: a short DINO run on the embedded data set gives a teacher whose k-NN accuracy on the
-held-out split beats a randomly initialised backbone of the same shape."""
+"""The demo's promise: its DINO run on the embedded data set gives a teacher whose k-NN and linear-probe
+accuracy on the held-out split beat a randomly initialised backbone of the same shape, and the collapse
+detector stays quiet on it.
 
-import torch
+Only the first half of the demo's schedule runs (310 of its 620 steps, ~100 s on 2 cores): the measured
+gains there are +10 k-NN and +9 linear-probe points; the first 186 steps show none yet (the teacher's
+output is still near uniform), so this is the shortest run that tests the claim.
+"""
+
+import pytest
 
 from dino_train.config import load_config
 from dino_train.data import generate_embedded_dataset
-from dino_train.models import build_backbone
 from dino_train.train import train
-from eval.knn_eval import evaluate_knn
+from launch.demo import compare_to_random
 from tests.conftest import REPO
 
+STEPS = 310
 
-def test_one_epoch_of_dino_beats_random_init(tmp_path):
-    root = generate_embedded_dataset(tmp_path / "embedded")  # the demo's data, default size
+
+@pytest.fixture(scope="module")
+def demo_half(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo")
+    root = generate_embedded_dataset(tmp / "embedded")  # the demo's data, default size
     cfg = load_config(
         REPO / "configs" / "demo.yaml",
         [
             f"data.path={root / 'train'}",
-            f"train.output_dir={tmp_path / 'run'}",
-            "train.epochs=1",
-            "optim.warmup_epochs=0",
+            f"train.output_dir={tmp / 'run'}",
+            f"train.max_steps={STEPS}",
             "train.num_threads=2",
             "train.progress_bar=false",
-            "data.num_workers=0",
         ],
     )
     result = train(cfg)
-    kw = dict(ks=(10,), resize=64, crop=64, batch_size=128, device="cpu")
-    trained = evaluate_knn(result.teacher.backbone.float(), root / "train", root / "val", **kw)
-    torch.manual_seed(cfg.train.seed + 1)
-    random = evaluate_knn(build_backbone("vit_tiny", 8, 64), root / "train", root / "val", **kw)
-    assert trained[10][0] > random[10][0] + 2.0, (trained, random)
+    return result, compare_to_random(result.teacher.backbone, cfg, root)
+
+
+def test_demo_run_is_healthy(demo_half):
+    result, _ = demo_half
+    assert result.step == STEPS
+    assert result.warnings == []
+
+
+def test_dino_teacher_beats_random_init_on_knn(demo_half):
+    _, scores = demo_half
+    random, trained = scores["random init"], scores["DINO teacher"]
+    assert trained["k-NN k=10"] > random["k-NN k=10"] + 5.0, scores
+    assert trained["k-NN k=20"] > random["k-NN k=20"] + 5.0, scores
+
+
+def test_dino_teacher_beats_random_init_on_linear_probe(demo_half):
+    _, scores = demo_half
+    assert scores["DINO teacher"]["linear probe"] > scores["random init"]["linear probe"] + 4.0, scores
+
+
+def test_demo_leaves_a_run_of_another_model_alone(tmp_path):
+    from dino_train.config import save_config
+    from launch.demo import free_output_dir
+
+    recipe = REPO / "configs" / "demo.yaml"
+    cfg = load_config(recipe, [f"train.output_dir={tmp_path / 'demo'}"])
+    assert free_output_dir(cfg) == []  # nothing there yet
+    (tmp_path / "demo").mkdir()
+    save_config(cfg, tmp_path / "demo" / "config.yaml")
+    assert free_output_dir(cfg) == []  # the same model: resume there
+    other = load_config(recipe, [f"train.output_dir={tmp_path / 'demo'}", "model.patch_size=8"])
+    save_config(other, tmp_path / "demo" / "config.yaml")
+    (tmp_path / "demo-1").mkdir()
+    assert free_output_dir(cfg) == [f"train.output_dir={tmp_path / 'demo'}-2"]
