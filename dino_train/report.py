@@ -64,7 +64,10 @@ def plot(kinds: dict[str, list[dict[str, Any]]], out: str | Path) -> Path:
         ("loss", ["loss", "loss_global_global", "loss_global_local"]),
         ("learning rate", ["lr"]),
         ("teacher temperature", ["teacher_temp"]),
-        ("teacher entropy / ln K", ["teacher_entropy_ratio", "batch_entropy_ratio"]),
+        (
+            "teacher entropy / ln K (the gap: its information about the image)",
+            ["teacher_entropy_ratio", "batch_entropy_ratio"],
+        ),
         ("gradient norm", ["grad_norm", "grad_norm_backbone", "grad_norm_head"]),
     ]
     for ax, (title, keys) in zip(axes.flat, panels, strict=False):
