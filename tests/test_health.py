@@ -227,3 +227,47 @@ def test_report_from_a_real_run(healthy_run, capsys):
     png = out / "report.png"
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
     assert report_main([str(out / "nope")]) == 2
+
+
+def _observed(teacher: torch.Tensor, features: torch.Tensor) -> dict[str, float]:
+    """What a logging step hands the detector, from constructed teacher outputs (2B, K) and features."""
+    student = torch.randn(2 * teacher.shape[0], teacher.shape[1])
+    metrics = dino_metrics(student, teacher, torch.zeros(1, teacher.shape[1]), 0.04, 0.1)
+    return {n: v.item() for n, v in metrics.items()} | {"student_feature_std": feature_std(features).item()}
+
+
+def test_detector_fires_on_constructed_outputs_through_the_metrics():
+    torch.manual_seed(0)
+    k, b, d = 256, 16, CollapseDetector(patience=2)
+    spread = torch.randn(2 * b, 32)
+    uniform = _observed(torch.zeros(2 * b, k), spread)
+    fired = [w for s in (1, 2) for w in d.check(uniform, s)]
+    assert len(fired) == 1 and "uniform collapse" in fired[0], fired
+
+    one_hot = torch.zeros(2 * b, k)
+    one_hot[:, 7] = 50.0
+    collapsed = _observed(one_hot, torch.ones(2 * b, 32) + 1e-6 * torch.randn(2 * b, 32))
+    fired = [w for s in (3, 4) for w in d.check(collapsed, s)]
+    assert sorted(w.split(": ")[1] for w in fired) == ["feature collapse", "one-prototype collapse"], fired
+
+    # Flat but image-dependent outputs (logits with std 0.4 after the temperature): above the uniform
+    # entropy threshold, yet each image leans to its own prototypes, so not a collapse.
+    flat = _observed(torch.randn(2 * b, k) * 0.04 * 0.4, spread)
+    assert flat["teacher_entropy_ratio"] > d.uniform_entropy_ratio
+    assert flat["teacher_information"] > d.min_information
+    assert [w for s in range(5, 15) for w in d.check(flat, s)] == []
+
+
+def test_a_run_whose_teacher_goes_uniform_warns(tiny_data, tmp_path):
+    # A teacher temperature of 10 flattens the centred teacher output (logits within [-1, 1]) to uniform.
+    result = train(
+        load_config(
+            None,
+            tiny_overrides(
+                tiny_data, tmp_path / "run", "dino.teacher_temp=10.0", "dino.warmup_teacher_temp=10.0"
+            ),
+        )
+    )
+    assert len(result.warnings) == 1 and "uniform collapse" in result.warnings[0], result.warnings
+    logged = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["message"] for r in logged if r["kind"] == "warning"] == result.warnings
