@@ -73,8 +73,8 @@ def free_output_dir(cfg) -> list[str]:
     trainer's does-not-fit error. Returns the override to add (none when the dir is fine)."""
     out = Path(cfg.train.output_dir)
     saved = out / "config.yaml"
-    if not saved.is_file():
-        return []
+    if not saved.is_file() or not any(out.glob("checkpoint*.pth")):
+        return []  # no run to resume there: training starts afresh and writes its own config
     try:
         same = load_config(saved).model == cfg.model
     except ConfigError:  # written by another version of the schema

@@ -66,5 +66,7 @@ def test_demo_leaves_a_run_of_another_model_alone(tmp_path):
     assert free_output_dir(cfg) == []  # the same model: resume there
     other = load_config(recipe, [f"train.output_dir={tmp_path / 'demo'}", "model.patch_size=8"])
     save_config(other, tmp_path / "demo" / "config.yaml")
+    assert free_output_dir(cfg) == []  # no checkpoint: nothing to resume, nothing to protect
+    (tmp_path / "demo" / "checkpoint.pth").write_bytes(b"a run of the patch-8 model")
     (tmp_path / "demo-1").mkdir()
     assert free_output_dir(cfg) == [f"train.output_dir={tmp_path / 'demo'}-2"]
