@@ -31,12 +31,13 @@ from pathlib import Path
 import torch
 
 from bench.device import pick_device
-from bench.flops import count_flops, matmul_peak
+from bench.flops import count_flops
 from bench.memory import measure_step_memory
 from dino_train.build import build_modules
 from dino_train.config import load_config
 from dino_train.distributed import DistEnv
 from dino_train.engine import train_step
+from dino_train.precision import matmul_flops
 from dino_train.schedules import StepValues
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.peaks:
         peaks = json.loads(args.peaks)
     else:
-        peaks = {p: matmul_peak(DTYPES[p], device) for p in args.precision}
+        peaks = {p: matmul_flops(DTYPES[p], device) for p in args.precision}
     if args.row:
         combos = [tuple(args.row.split(","))]
     else:

@@ -107,6 +107,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broadcast_from_main(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's value on every rank (identity in a single process)."""
+    if is_distributed():
+        dist.broadcast(t, src=0)
+    return t
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

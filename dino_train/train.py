@@ -15,7 +15,7 @@ from dino_train import distributed as D
 from dino_train.attention_log import fixed_images, log_attention_to_tensorboard
 from dino_train.build import build_loader, build_modules, build_run_schedules
 from dino_train.checkpoint import BACKBONE_EXPORT, CheckpointManager, export_backbone
-from dino_train.config import Config, save_config
+from dino_train.config import PRECISIONS, Config, save_config
 from dino_train.engine import train_step
 from dino_train.health import CollapseDetector
 from dino_train.knn_monitor import PeriodicKNN
@@ -54,14 +54,19 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 def train(cfg: Config) -> TrainResult:
     env = D.detect_env()
     device = D.resolve_device(cfg.train.device, env.local_rank)
-    precision = resolve_precision(cfg.train.precision, device)  # may reject fp16 on CPU: before any compute
     if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
+        torch.set_num_threads(cfg.train.num_threads)  # first: auto precision measures with these threads
+    # May reject fp16 on CPU: before any compute.
+    precision, precision_note = resolve_precision(cfg.train.precision, device)
     D.init_distributed(env, device, cfg.train.dist_timeout_s)
+    if cfg.train.precision == "auto" and D.is_distributed():
+        # Ranks measure their own matmul speed; they must still train alike, so rank 0's choice holds.
+        choice = torch.tensor([PRECISIONS.index(precision)], device=device)
+        precision = PRECISIONS[int(D.broadcast_from_main(choice).item())]
     stop = StopSignals()
     try:
         with stop:
-            result = _train(cfg, env, device, precision, stop)
+            result = _train(cfg, env, device, precision, precision_note, stop)
     except RuntimeError as err:
         if env.world_size == 1 or not _is_peer_failure(err):
             raise
@@ -93,7 +98,12 @@ def _stop_requested(stop: StopSignals, world_size: int, device: torch.device) ->
 
 
 def _train(
-    cfg: Config, env: D.DistEnv, device: torch.device, precision: str, stop: StopSignals
+    cfg: Config,
+    env: D.DistEnv,
+    device: torch.device,
+    precision: str,
+    precision_note: str,
+    stop: StopSignals,
 ) -> TrainResult:
     out = Path(cfg.train.output_dir)
     d = cfg.data
@@ -132,6 +142,8 @@ def _train(
         f"{spe * d.batch_size_per_gpu * env.world_size} images/epoch, "
         f"{spe} steps/epoch, {cfg.train.epochs} epochs -> {out}"
     )
+    if precision_note:
+        monitor.message(f"train.precision {precision}: {precision_note}")
     for note in notes:
         monitor.message(note)
 
