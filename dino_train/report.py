@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     s = summarize(kinds)
     png = plot(kinds, args.out or args.run_dir / "report.png")
     print(f"run:            {args.run_dir}")
-    print(f"steps:          {s['steps']}  (last loss {s['last_loss']})")
+    loss = s["last_loss"]
+    print(f"steps:          {s['steps']}" + (f"  (last loss {loss:.4f})" if loss is not None else ""))
     ips = s["images_per_s_median"]
     print(f"images/s:       {ips:.1f} (median over logged steps)" if ips else "images/s:       -")
     knn = s["best_knn"]
