@@ -37,11 +37,10 @@ from dino_train.build import build_modules
 from dino_train.config import load_config
 from dino_train.distributed import DistEnv
 from dino_train.engine import train_step
-from dino_train.precision import matmul_flops
+from dino_train.precision import DTYPES, matmul_flops
 from dino_train.schedules import StepValues
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -16,6 +16,8 @@ from dino_train.config import ConfigError
 # BF16 but no AMX, 0.5x. The flags cannot decide it; a 0.3 s measurement can.
 BF16_MIN_SPEEDUP = 1.2
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
 
 def matmul_flops(dtype: torch.dtype, device: torch.device, n: int = 4096, seconds: float = 2.0) -> float:
     """Sustained FLOP/s of an n x n matmul in ``dtype`` (the best of short repeats, so a busy moment on a
@@ -25,14 +27,15 @@ def matmul_flops(dtype: torch.dtype, device: torch.device, n: int = 4096, second
     torch.mm(a, b)  # warm up kernels and caches
     if device.type == "cuda":
         torch.cuda.synchronize()
+    per_timing = 4 if device.type == "cuda" else 1  # a GPU matmul is too short to time alone
     best, start = float("inf"), time.perf_counter()
     while time.perf_counter() - start < seconds:
         t0 = time.perf_counter()
-        for _ in range(4 if device.type == "cuda" else 1):
+        for _ in range(per_timing):
             torch.mm(a, b)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t0) / (4 if device.type == "cuda" else 1))
+        best = min(best, (time.perf_counter() - t0) / per_timing)
     return 2 * n**3 / best
 
 
@@ -50,10 +53,7 @@ def cpu_lists_bf16() -> bool:
 def cpu_matmul_gflops() -> dict[str, float]:
     """fp32 and bf16 matmul GFLOP/s on this CPU at the current thread count (about 0.3 s, once a process)."""
     cpu = torch.device("cpu")
-    return {name: matmul_flops(dtype, cpu, n=1024, seconds=0.15) / 1e9 for name, dtype in _CPU_DTYPES.items()}
-
-
-_CPU_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    return {name: matmul_flops(DTYPES[name], cpu, n=1024, seconds=0.15) / 1e9 for name in ("fp32", "bf16")}
 
 
 def pick_cpu_precision(gflops: dict[str, float]) -> str:
@@ -88,8 +88,7 @@ def resolve_precision(requested: str, device: torch.device) -> tuple[str, str]:
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
 
 
 def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
