@@ -25,8 +25,8 @@ from PIL import Image
 
 from bench.device import pick_device
 from bench.memory import peak_mib, reset_peak
-from dino_train.attention import prepare_image
 from dino_train.models import build_backbone
+from eval.attention import prepare_image
 from eval.attention_video import attention_frames, write_attention_video
 
 RESULTS = Path(__file__).resolve().parent / "results"

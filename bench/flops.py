@@ -1,5 +1,5 @@
 """FLOPs of a step, counted, not estimated (the matmul peak they are measured against is
-``dino_train.precision.matmul_flops``, which training's ``auto`` precision also uses)."""
+``dino_train.runtime.precision.matmul_flops``, which training's ``auto`` precision also uses)."""
 
 from __future__ import annotations
 

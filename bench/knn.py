@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from bench.device import pick_device
 from bench.memory import peak_mib, reset_peak, rss_mib
-from dino_train.knn import faiss_has_gpu, faiss_topk, knn_vote
+from eval.knn import faiss_has_gpu, faiss_topk, knn_vote
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

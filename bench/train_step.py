@@ -33,12 +33,12 @@ import torch
 from bench.device import pick_device
 from bench.flops import count_flops
 from bench.memory import measure_step_memory
-from dino_train.build import build_modules
 from dino_train.config import load_config
-from dino_train.distributed import DistEnv
-from dino_train.engine import train_step
-from dino_train.precision import DTYPES, matmul_flops
-from dino_train.schedules import StepValues
+from dino_train.core.schedules import StepValues
+from dino_train.runtime.distributed import DistEnv
+from dino_train.runtime.precision import DTYPES, matmul_flops
+from dino_train.train.build import build_modules
+from dino_train.train.step import train_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -126,7 +126,7 @@ def _modules(
 
 def _batches(args: argparse.Namespace, cfg, device: torch.device):
     if args.data:
-        from dino_train.build import build_loader
+        from dino_train.train.build import build_loader
 
         loader, _ = build_loader(cfg, DistEnv(), device)
         while True:

@@ -16,9 +16,9 @@ from dino.attention import AttentionMaps, attention_maps, plot_attention
 from dino.classify import LinearProbe, knn_accuracy, knn_predict, linear_probe
 from dino.features import Features, extract_features
 from dino.models import best_device, load_backbone, pretrain
-from dino_train.checkpoint import CheckpointError
 from dino_train.config import ConfigError
 from dino_train.data import generate_embedded_dataset
+from dino_train.runtime.files import CheckpointError
 from dino_train.train import TrainResult
 
 __all__ = [

@@ -1,5 +1,5 @@
 """Self-attention of a ViT on one image as numpy arrays for a notebook, and the figure ``visualize_attention``
-draws. The maths is ``dino_train.attention``'s: the exact softmax of a block, recomputed from its weights."""
+draws. The maths is ``eval.attention``'s: the exact softmax of a block, recomputed from its weights."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from torchvision.transforms import functional as TF
 
 from dino.models import model_device
-from dino_train.attention import denormalize, prepare_image, summarize, vit_patch_size
 from dino_train.data.transforms import BICUBIC
+from eval.attention import denormalize, prepare_image, summarize, vit_patch_size
 from eval.visualize import attention_figure, open_image
 
 ImageInput = Image.Image | str | Path | Tensor

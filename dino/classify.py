@@ -1,4 +1,4 @@
-"""Classify features held in memory: weighted k-NN (``dino_train.knn``, as ``eval_knn``) and a linear probe
+"""Classify features held in memory: weighted k-NN (``eval.knn``, as ``eval_knn``) and a linear probe
 (``eval.linear_train``, as ``eval_linear --cached-features``)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dino_train.knn import faiss_topk, knn_classify, knn_vote
+from eval.knn import faiss_topk, knn_classify, knn_vote
 from eval.linear_train import train_probe_in_memory
 
 ArrayLike = Tensor | np.ndarray | Sequence[Any]

@@ -1,6 +1,6 @@
 """Frozen-backbone features of a folder, a list of images or a tensor batch, for a notebook.
 
-The loop is ``dino_train.features.extract_features`` (the one ``eval_knn`` and training's k-NN monitor
+The loop is ``eval.features.extract_features`` (the one ``eval_knn`` and training's k-NN monitor
 use); this module only turns what a notebook holds into a data set, and splits off patch tokens.
 """
 
@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from dino.models import model_device
 from dino_train.data import ImageDataset, eval_transform
 from dino_train.data.datasets import load_rgb, to_rgb
-from dino_train.features import extract_features as extract_dataset
+from eval.features import extract_features as extract_dataset
 
 ImagesInput = str | Path | Sequence[str | Path | Image.Image] | Tensor
 

@@ -13,9 +13,9 @@ if __name__ == "__main__" and __package__ in (None, ""):
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
     sys.path.insert(0, str(here.parent))
 
-from dino_train.checkpoint import CheckpointError  # noqa: E402
 from dino_train.config import ConfigError, load_config, to_dict  # noqa: E402
 from dino_train.data import DataError  # noqa: E402
+from dino_train.runtime.files import CheckpointError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from dino_train.attention import (
+from eval.attention import (
     apply_mask,
     colorize,
     denormalize,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dino_train.data import DataError, ImageDataset
-from dino_train.distributed import DistEnv, detect_env, init_distributed, resolve_device
+from dino_train.runtime.distributed import DistEnv, detect_env, init_distributed, resolve_device
 
 
 def add_backbone_args(parser: argparse.ArgumentParser) -> None:

@@ -18,11 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from dino_train.checkpoint import CheckpointError, atomic_save
 from dino_train.data import DataError, eval_transform
-from dino_train.distributed import barrier, cleanup
-from dino_train.features import extract_features
-from dino_train.knn import knn_classify
+from dino_train.runtime.distributed import barrier, cleanup
+from dino_train.runtime.files import CheckpointError, atomic_save
 from eval.common import (
     ClassFolders,
     add_backbone_args,
@@ -34,6 +32,8 @@ from eval.common import (
     write_json,
     write_scalars,
 )
+from eval.features import extract_features
+from eval.knn import knn_classify
 
 FEATURES_FILE = "knn_features.pth"
 RESULTS_FILE = "knn_results.json"

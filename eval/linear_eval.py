@@ -22,10 +22,9 @@ from typing import Any
 
 import torch
 
-from dino_train.checkpoint import CheckpointError, atomic_save
 from dino_train.data import DataError, eval_transform
-from dino_train.distributed import barrier, cleanup
-from dino_train.features import extract_features
+from dino_train.runtime.distributed import barrier, cleanup
+from dino_train.runtime.files import CheckpointError, atomic_save
 from eval.common import (
     ClassFolders,
     add_backbone_args,
@@ -34,6 +33,7 @@ from eval.common import (
     setup_process,
     split_roots,
 )
+from eval.features import extract_features
 from eval.linear_model import (
     GridPoint,
     LinearGrid,

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dino_train.checkpoint import CheckpointError, atomic_save, strip_prefix
+from dino_train.runtime.files import CheckpointError, atomic_save, strip_prefix
 
 
 @dataclass(frozen=True)

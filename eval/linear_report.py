@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from dino_train.checkpoint import atomic_save
+from dino_train.runtime.files import atomic_save
 from eval.common import ClassFolders, print_table, write_json, write_scalars
 from eval.linear_model import (
     GridPoint,

@@ -20,7 +20,7 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from dino_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from dino_train.distributed import all_reduce_sum
+from dino_train.runtime.distributed import all_reduce_sum
 from eval.linear_model import GridPoint, LinearGrid, backbone_tokens, lr_for, topk_correct
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # token stack (B, n_max + 1, D), labels (B,)

@@ -26,8 +26,8 @@ import timm
 import torch
 from torch import nn
 
-from dino_train.checkpoint import CheckpointError, strip_prefix
 from dino_train.models import ARCH_DIMS, build_backbone
+from dino_train.runtime.files import CheckpointError, strip_prefix
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _LIST_LIMIT = 12  # keys shown per category in a mismatch report

@@ -20,7 +20,9 @@ from matplotlib.figure import Figure
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
-from dino_train.attention import (
+from dino_train.data import IMAGE_EXTENSIONS
+from dino_train.runtime.files import CheckpointError
+from eval.attention import (
     AttentionSummary,
     apply_mask,
     colorize,
@@ -32,8 +34,6 @@ from dino_train.attention import (
     upsample,
     vit_patch_size,
 )
-from dino_train.checkpoint import CheckpointError
-from dino_train.data import IMAGE_EXTENSIONS
 from eval.attention_video import VIDEO_EXTENSIONS, VisualizeError, video_frames, write_attention_video
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from dino_train.checkpoint import CheckpointError
 from dino_train.config import ConfigError, load_config
 from dino_train.data import DataError, generate_embedded_dataset
 from dino_train.models import build_backbone
+from dino_train.runtime.files import CheckpointError
 from dino_train.train import train
 
 REPO = Path(__file__).resolve().parents[1]

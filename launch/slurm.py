@@ -4,7 +4,8 @@
         --partition P --time 72:00:00 --shared-dir /shared/$USER/dino/%j [section.key=value ...]
     python -m launch.slurm ... --dry-run      # print the sbatch script, submit nothing
 
-Ranks, world size and the master address come from Slurm's variables (dino_train.distributed.detect_env).
+Ranks, world size and the master address come from Slurm's variables
+(``dino_train.runtime.distributed.detect_env``).
 Before a time limit or a preemption Slurm sends USR2: train() writes a checkpoint at the next step
 boundary, then submitit calls ``TrainJob.checkpoint()``, which requeues the job (at most --max-requeues
 times); the requeued job calls train() again, which resumes from the checkpoint in train.output_dir.
@@ -87,7 +88,7 @@ class TrainJob:
 def hand_on_to_submitit(stopped_by: str) -> None:
     """train() stopped for submitit's preemption signal: make sure submitit's handler sees it.
 
-    train() is meant to re-send the signal itself (dino_train.signals.StopSignals.hand_on), and then
+    train() is meant to re-send the signal itself (dino_train.runtime.signals.StopSignals.hand_on), and then
     submitit requeues and exits inside train(), so this is never reached. Where train() returned instead,
     re-send it here; otherwise the job would end as COMPLETED at the checkpoint and never come back."""
     import submitit

@@ -49,8 +49,8 @@ def backbone_file(tmp_path_factory) -> Path:
     """A random ViT-Tiny/8 (32 px grid) saved as a backbone-only file, as ``teacher_backbone.pth`` is."""
     import torch
 
-    from dino_train.checkpoint import export_backbone
     from dino_train.models import build_backbone
+    from dino_train.train.checkpoint import export_backbone
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "teacher_backbone.pth"

@@ -5,10 +5,10 @@ import signal
 import sys
 import time
 
-from dino_train import engine
-from dino_train import train as train_module
 from dino_train.config import load_config
-from dino_train.distributed import detect_env
+from dino_train.runtime.distributed import detect_env
+from dino_train.train import loop as train_module
+from dino_train.train import step as engine
 
 if __name__ == "__main__":
     mode, fault_step, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3:]

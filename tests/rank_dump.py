@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from dino_train.config import load_config
-from dino_train.distributed import detect_env
+from dino_train.runtime.distributed import detect_env
 from dino_train.train import train
 
 if __name__ == "__main__":

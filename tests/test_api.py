@@ -15,12 +15,12 @@ from PIL import Image
 
 import dino
 from dino.models import _override_texts, resolve_config_path
-from dino_train.attention import prepare_image, summarize
 from dino_train.config import load_config
 from dino_train.data import eval_transform
-from dino_train.knn import knn_classify
 from dino_train.models import build_backbone
 from eval import linear_eval
+from eval.attention import prepare_image, summarize
+from eval.knn import knn_classify
 from tests.conftest import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""dino_train.attention: exact attention maps (fused or not), CLS maps, threshold masks, image preparation,
+"""eval.attention: exact attention maps (fused or not), CLS maps, threshold masks, image preparation,
 and the TensorBoard panels."""
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from dino_train.attention import (
+from dino_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from dino_train.models import build_backbone
+from dino_train.monitor.attention_log import log_attention_to_tensorboard
+from eval.attention import (
     attention_maps,
     cls_attention,
     cls_attention_maps,
@@ -19,9 +22,6 @@ from dino_train.attention import (
     threshold_masks,
     upsample,
 )
-from dino_train.attention_log import log_attention_to_tensorboard
-from dino_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from dino_train.models import build_backbone
 
 
 @pytest.fixture(scope="module")

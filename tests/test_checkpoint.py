@@ -3,15 +3,8 @@ import os
 import pytest
 import torch
 
-from dino_train.checkpoint import (
-    LATEST,
-    CheckpointError,
-    CheckpointManager,
-    atomic_save,
-    load_file,
-    strip_prefix,
-    with_prefix,
-)
+from dino_train.runtime.files import CheckpointError, atomic_save, strip_prefix, with_prefix
+from dino_train.train.checkpoint import LATEST, CheckpointManager, load_file
 
 
 def fake_state(step):

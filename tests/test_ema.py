@@ -1,6 +1,6 @@
 import torch
 
-from dino_train.ema import ema_update_
+from dino_train.core.ema import ema_update_
 
 
 def test_momentum_one_keeps_teacher_and_zero_copies_student():

@@ -97,8 +97,8 @@ def test_eval_knn_torchrun_matches_one_process(tiny_data, backbone_file, tmp_pat
 FEATURE_SCRIPT = """
 import sys
 import torch
-from dino_train.distributed import cleanup, detect_env, init_distributed
-from dino_train.features import extract_features
+from dino_train.runtime.distributed import cleanup, detect_env, init_distributed
+from eval.features import extract_features
 
 env = detect_env()
 init_distributed(env, torch.device("cpu"))

@@ -7,8 +7,9 @@ import pytest
 import timm
 import torch
 
-from dino_train.checkpoint import CheckpointError, export_backbone, with_prefix
 from dino_train.models import build_backbone, build_student_teacher
+from dino_train.runtime.files import CheckpointError, with_prefix
+from dino_train.train.checkpoint import export_backbone
 from eval.loading import clean_keys, load_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,9 +13,9 @@ import time
 import pytest
 import torch
 
-from dino_train.checkpoint import CheckpointError
 from dino_train.config import load_config
-from dino_train.distributed import free_port
+from dino_train.runtime.distributed import free_port
+from dino_train.runtime.files import CheckpointError
 from dino_train.train import NonFiniteError, train
 from tests.conftest import REPO, tiny_overrides
 
@@ -187,7 +187,7 @@ def test_checkpoint_of_another_model_is_refused_and_left_intact(tiny_data, tmp_p
 
 
 def test_stop_signal_is_handed_on_to_the_previous_handler():
-    from dino_train.signals import StopSignals
+    from dino_train.runtime.signals import StopSignals
 
     calls = []
     before = signal.signal(signal.SIGUSR1, lambda s, f: calls.append(s))

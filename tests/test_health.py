@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from dino_train.config import load_config
-from dino_train.distributed import free_port
-from dino_train.health import CollapseDetector, dino_metrics, feature_std
-from dino_train.report import main as report_main
+from dino_train.core.metrics import dino_metrics, feature_std
+from dino_train.monitor.health import CollapseDetector
+from dino_train.monitor.report import main as report_main
+from dino_train.runtime.distributed import free_port
 from dino_train.train import train
 from tests.conftest import tiny_overrides
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dino_train.knn import faiss_topk, knn_classify, knn_vote
+from eval.knn import faiss_topk, knn_classify, knn_vote
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

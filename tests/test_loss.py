@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dino_train.loss import DINOLoss, batch_center, dino_loss, update_center
+from dino_train.core.loss import DINOLoss, batch_center, dino_loss, update_center
 
 
 def reference_loss(student, teacher, center, n_crops, st, tt):

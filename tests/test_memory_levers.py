@@ -7,11 +7,11 @@ noise on gradients that are zero in exact arithmetic, such as the attention's ke
 import pytest
 import torch
 
-from dino_train.build import build_modules
 from dino_train.config import load_config
-from dino_train.distributed import DistEnv
-from dino_train.engine import train_step
-from dino_train.schedules import StepValues
+from dino_train.core.schedules import StepValues
+from dino_train.runtime.distributed import DistEnv
+from dino_train.train.build import build_modules
+from dino_train.train.step import train_step
 
 VALUES = StepValues(lr=1e-3, weight_decay=0.04, momentum=0.9, teacher_temp=0.04)
 

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from dino_train.models import DINOHead, MultiCropWrapper, build_backbone
-from dino_train.optim import (
+from dino_train.train.optim import (
     apply_step_values,
     build_optimizer,
     cancel_last_layer_grads,

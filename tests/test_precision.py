@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dino_train import distributed as D
 from dino_train.config import ConfigError
-from dino_train.precision import (
+from dino_train.runtime import distributed as D
+from dino_train.runtime.precision import (
     BF16_MIN_SPEEDUP,
     cpu_lists_bf16,
     cpu_matmul_gflops,

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dino_train.schedules import build_schedules, cosine_schedule, teacher_temp_schedule
+from dino_train.core.schedules import build_schedules, cosine_schedule, teacher_temp_schedule
 
 
 def test_cosine_warmup_and_endpoints():

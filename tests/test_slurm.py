@@ -98,7 +98,7 @@ def test_dino_run_through_submitit(slurm, tiny_data, tmp_path):
 def test_two_tasks_form_one_process_group(slurm, tiny_data, tmp_path, monkeypatch):
     # Rank, world size and master address come from Slurm's variables (no torchrun); the job inherits
     # this environment, so a free port keeps it clear of any other session's jobs on this machine.
-    from dino_train.distributed import free_port
+    from dino_train.runtime.distributed import free_port
 
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     out = tmp_path / "run"
@@ -208,8 +208,8 @@ def test_failed_job_reports_its_error_and_log(slurm, tiny_data, tmp_path):
 def _backbones(tmp_path: Path) -> list[Path]:
     import torch
 
-    from dino_train.checkpoint import export_backbone
     from dino_train.models import build_backbone
+    from dino_train.train.checkpoint import export_backbone
 
     paths = []
     for seed in (0, 1):

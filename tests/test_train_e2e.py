@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dino_train.config import load_config
-from dino_train.distributed import free_port
+from dino_train.runtime.distributed import free_port
 from dino_train.train import train
 from tests.conftest import REPO, tiny_overrides
 

@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dino_train.ema import ema_update_
-from dino_train.health import dino_metrics, feature_std
-from dino_train.loss import DINOLoss, DinoLossTerms
-from dino_train.optim import apply_step_values, cancel_last_layer_grads, clip_gradients
-from dino_train.precision import autocast
-from dino_train.schedules import StepValues
+from dino_train.core.ema import ema_update_
+from dino_train.core.loss import DINOLoss, DinoLossTerms
+from dino_train.core.metrics import dino_metrics, feature_std
+from dino_train.core.schedules import StepValues
+from dino_train.runtime.precision import autocast
+from dino_train.train.optim import apply_step_values, cancel_last_layer_grads, clip_gradients
 
 
 @dataclass

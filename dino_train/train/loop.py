@@ -11,18 +11,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dino_train import distributed as D
-from dino_train.attention_log import fixed_images, log_attention_to_tensorboard
-from dino_train.build import build_loader, build_modules, build_run_schedules
-from dino_train.checkpoint import BACKBONE_EXPORT, CheckpointManager, export_backbone
 from dino_train.config import PRECISIONS, Config, save_config
-from dino_train.engine import train_step
-from dino_train.health import CollapseDetector
-from dino_train.knn_monitor import PeriodicKNN
-from dino_train.monitoring import Monitor, log_scalars, step_scalars
-from dino_train.precision import resolve_precision
-from dino_train.run_state import checkpoint_state, restore, resume_point
-from dino_train.signals import StopSignals
+from dino_train.monitor.attention_log import fixed_images, log_attention_to_tensorboard
+from dino_train.monitor.health import CollapseDetector
+from dino_train.monitor.logger import Monitor, log_scalars, step_scalars
+from dino_train.monitor.periodic import PeriodicKNN
+from dino_train.runtime import distributed as D
+from dino_train.runtime.precision import resolve_precision
+from dino_train.runtime.signals import StopSignals
+from dino_train.train.build import build_loader, build_modules, build_run_schedules
+from dino_train.train.checkpoint import BACKBONE_EXPORT, CheckpointManager, export_backbone
+from dino_train.train.state import checkpoint_state, restore, resume_point
+from dino_train.train.step import train_step
 
 
 class NonFiniteError(RuntimeError):

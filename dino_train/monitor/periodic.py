@@ -10,8 +10,8 @@ from torch import nn
 
 from dino_train.config import MonitorConfig
 from dino_train.data import DataError, ImageDataset, eval_transform
-from dino_train.features import extract_features
-from dino_train.knn import knn_classify
+from eval.features import extract_features
+from eval.knn import knn_classify
 
 
 class PeriodicKNN:

@@ -6,12 +6,14 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from dino_train.engine import StepOutput
-from dino_train.schedules import StepValues
+from dino_train.core.schedules import StepValues
+
+if TYPE_CHECKING:
+    from dino_train.train.step import StepOutput
 
 
 class Monitor:

@@ -8,9 +8,7 @@ only), and ours: ``step``, ``batch_in_epoch``, ``world_size``, ``config``, ``for
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,68 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from dino_train.runtime.files import CheckpointError, atomic_alias, atomic_save, fsync_dir
+
 LATEST = "checkpoint.pth"
 BACKBONE_EXPORT = "teacher_backbone.pth"
 FORMAT_VERSION = 1
 _NUMBERED = re.compile(r"^checkpoint-step(\d{8})\.pth$")
 REQUIRED_KEYS = ("student", "teacher", "optimizer", "epoch", "dino_loss")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or read; the message names the file."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
-
-    A crash or a full disk leaves the previous file at ``path`` untouched.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"could not write {path}: {err}; the previous file there is intact") from err
-    _fsync_dir(path.parent)
-    return path
-
-
-def _atomic_alias(src: Path, dst: Path) -> None:
-    """Make ``dst`` name the same content as ``src``: a hard link where the file system allows it."""
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-def with_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {prefix + k: v for k, v in state.items()}
-
-
-def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """Remove ``prefix`` from the start of keys only (the release's str.replace also hit key middles)."""
-    return {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in state.items()}
 
 
 def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -117,10 +60,10 @@ class CheckpointManager:
     def save(self, state: dict[str, Any], step: int, keep_epoch: int | None = None) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = atomic_save(state, self.dir / f"checkpoint-step{step:08d}.pth")
-        _atomic_alias(path, self.dir / LATEST)
+        atomic_alias(path, self.dir / LATEST)
         if keep_epoch is not None:
-            _atomic_alias(path, self.dir / f"checkpoint{keep_epoch:04d}.pth")
-        _fsync_dir(self.dir)
+            atomic_alias(path, self.dir / f"checkpoint{keep_epoch:04d}.pth")
+        fsync_dir(self.dir)
         for _, old in self.numbered()[: -self.keep_last]:
             old.unlink(missing_ok=True)
         return path

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dino_train.checkpoint import CheckpointError, strip_prefix, with_prefix
 from dino_train.config import Config, to_dict
-from dino_train.engine import TrainModules
+from dino_train.runtime.files import CheckpointError, strip_prefix, with_prefix
+from dino_train.train.step import TrainModules
 
 
 def checkpoint_state(

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dino_train.attention import colorize, denormalize, summarize, upsample, vit_patch_size
+from eval.attention import colorize, denormalize, summarize, upsample, vit_patch_size
 
 
 def attention_panels(model: nn.Module, images: Tensor, block: int = -1) -> Tensor:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from dino_train.distributed import is_distributed
+from dino_train.runtime.distributed import is_distributed
 
 FeatureFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 

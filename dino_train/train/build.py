@@ -8,14 +8,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from dino_train.config import Config, scaled_lr
+from dino_train.core.loss import DINOLoss
+from dino_train.core.schedules import Schedules, build_schedules
 from dino_train.data import MultiCropAugmentation, ResumableSampler, build_pretrain_loader
-from dino_train.distributed import DistEnv
-from dino_train.engine import TrainModules
-from dino_train.loss import DINOLoss
 from dino_train.models import build_student_teacher
-from dino_train.optim import build_optimizer
-from dino_train.precision import make_scaler
-from dino_train.schedules import Schedules, build_schedules
+from dino_train.runtime.distributed import DistEnv
+from dino_train.runtime.precision import make_scaler
+from dino_train.train.optim import build_optimizer
+from dino_train.train.step import TrainModules
 
 
 def build_loader(cfg: Config, env: DistEnv, device: torch.device) -> tuple[DataLoader, ResumableSampler]:
