@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.device import pick_device
 from bench.memory import peak_mib, reset_peak
 from dino_train.models import build_backbone
+from dino_train.runtime.device import pick_device
 from eval.attention import prepare_image
 from eval.attention_video import attention_frames, write_attention_video
 
@@ -92,7 +92,9 @@ def time_end_to_end(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = pick_device(args.device, args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
     frames = make_frames(args.frames, args.height, args.width)
     rows = []
     print(f"attention video: {args.frames} frames of {args.height}x{args.width}, device {device.type}, "

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.device import pick_device
 from bench.memory import peak_mib, reset_peak, rss_mib
+from dino_train.runtime.device import pick_device
 from eval.knn import faiss_has_gpu, faiss_topk, knn_vote
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -67,7 +67,9 @@ def _timed(fn, device: torch.device) -> tuple[object, float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = pick_device(args.device, args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
     g = torch.Generator().manual_seed(args.seed)
     train = F.normalize(torch.randn(args.n_train, args.dim, generator=g), dim=1)
     queries = F.normalize(torch.randn(args.n_query, args.dim, generator=g), dim=1)

@@ -30,15 +30,15 @@ from pathlib import Path
 
 import torch
 
-from bench.device import pick_device
 from bench.flops import count_flops
 from bench.memory import measure_step_memory
 from dino_train.config import load_config
 from dino_train.core.schedules import StepValues
+from dino_train.runtime.device import pick_device
 from dino_train.runtime.distributed import DistEnv
 from dino_train.runtime.precision import DTYPES, matmul_flops
 from dino_train.train.build import build_modules
-from dino_train.train.step import train_step
+from dino_train.train.step import StepSettings, train_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -128,7 +128,7 @@ def _batches(args: argparse.Namespace, cfg, device: torch.device):
     if args.data:
         from dino_train.train.build import build_loader
 
-        loader, _ = build_loader(cfg, DistEnv(), device)
+        loader, _ = build_loader(cfg.data, cfg.train.seed, DistEnv(), device)
         while True:
             for crops, _, _ in loader:
                 yield [c.to(device, non_blocking=True) for c in crops]
@@ -141,6 +141,7 @@ def _batches(args: argparse.Namespace, cfg, device: torch.device):
 def run_one(args, precision: str, compiled: bool, attention: str, ckpt: bool, device, peaks) -> dict:
     cfg, mods = _modules(args, precision, device, compiled, ckpt, attention)
     values = StepValues(lr=1e-4, weight_decay=0.04, momentum=0.996, teacher_temp=0.04)
+    settings = StepSettings(precision, device, clip_grad=3.0, freeze_last_layer=1)
     batches = _batches(args, cfg, device)
     data_time = [0.0]
 
@@ -148,16 +149,7 @@ def run_one(args, precision: str, compiled: bool, attention: str, ckpt: bool, de
         t = time.perf_counter()
         crops = next(batches)
         data_time[0] += time.perf_counter() - t
-        train_step(
-            mods,
-            crops,
-            values,
-            epoch=5,
-            precision=precision,
-            device=device,
-            clip_grad=3.0,
-            freeze_last_layer=1,
-        )
+        train_step(mods, settings, crops, values, epoch=5)
 
     # Compiled: the first calls compile per resolution and grad mode, then recompile once with dynamic
     # batch sizes; timing starts after those.
@@ -268,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     resolve_shape(args)
-    device = pick_device(args.device, args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
     if args.peaks:
         peaks = json.loads(args.peaks)
     else:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from dino_train.config import load_config
+from dino_train.runtime.device import pick_device
 from dino_train.train import TrainResult, train
 from eval import loading
 
@@ -20,7 +21,7 @@ Overrides = Sequence[str] | Mapping[str, Any]
 
 def best_device() -> torch.device:
     """CUDA (the current device) when torch sees one, else the CPU."""
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return pick_device("auto")
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -34,6 +35,7 @@ def load_backbone(
     checkpoint_key: str = "teacher",
     weights: str | Path | None = None,
     device: torch.device | str | None = None,
+    trust: bool = False,
 ) -> nn.Module:
     """A frozen backbone in eval mode on ``device`` (default: CUDA if available, else the CPU) whose
     forward maps (B, 3, H, W) ImageNet-normalised images to (B, D) features (the final-norm CLS token).
@@ -48,6 +50,8 @@ def load_backbone(
 
     The architecture is read from the weights. What was loaded (arch, patch size, source, epoch, ignored
     keys) is in the dict ``model.load_info``. Errors are ``CheckpointError`` naming the file and the fault.
+    A file holding pickled Python objects other than the release's plain ``args`` is refused unless
+    ``trust=True``, which unpickles it fully and so runs any code it carries: only for files you trust.
     """
     name = str(path_or_name)
     if weights is not None and not name.startswith("timm:"):
@@ -58,7 +62,7 @@ def load_backbone(
                 "e.g. 'timm:vit_small_patch16_224')"
             )
         name = f"timm:{name}"
-    model, info = loading.load_backbone(name, checkpoint_key, weights=weights)
+    model, info = loading.load_backbone(name, checkpoint_key, weights=weights, trust=trust)
     model = model.to(torch.device(device) if device is not None else best_device())
     model.load_info = info  # nn.Module keeps plain attributes; the model itself stays a timm ViT
     return model.eval()

@@ -15,6 +15,7 @@ if __name__ == "__main__" and __package__ in (None, ""):
 
 from dino_train.config import ConfigError, load_config, to_dict  # noqa: E402
 from dino_train.data import DataError  # noqa: E402
+from dino_train.runtime.device import DeviceError  # noqa: E402
 from dino_train.runtime.files import CheckpointError  # noqa: E402
 
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         except (NonFiniteError, PeerError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 3
-    except (ConfigError, DataError, CheckpointError) as err:
+    except (ConfigError, DataError, CheckpointError, DeviceError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

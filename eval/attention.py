@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torchvision.transforms import functional as TF
 
 from dino_train.data.transforms import BICUBIC, IMAGENET_MEAN, IMAGENET_STD
+from dino_train.models.backbone import as_vit, patch_size_of
 
 
 class _BlockInput(Exception):
@@ -28,20 +29,13 @@ class _BlockInput(Exception):
 
 
 def unwrap_vit(model: nn.Module) -> nn.Module:
-    """The ViT inside DDP (``.module``) and/or the multi-crop wrapper (``.backbone``); an error if none."""
-    seen = model
-    while not hasattr(seen, "blocks"):
-        inner = getattr(seen, "module", None) or getattr(seen, "backbone", None)
-        if not isinstance(inner, nn.Module):
-            raise TypeError(f"{type(model).__name__} is not a ViT: it has no transformer blocks")
-        seen = inner
-    if not hasattr(seen, "patch_embed") or not hasattr(seen.blocks[0], "attn"):
-        raise TypeError(f"{type(seen).__name__} is not a ViT: its blocks have no self-attention")
-    return seen
+    """The ViT inside DDP (``.module``) and/or the multi-crop wrapper (``.backbone``); a NotAViTError (a
+    TypeError) for any other backbone: attention maps need a ViT's self-attention."""
+    return as_vit(model, "attention maps")
 
 
 def vit_patch_size(model: nn.Module) -> int:
-    return int(unwrap_vit(model).patch_embed.patch_size[0])
+    return patch_size_of(unwrap_vit(model))
 
 
 def _block_qk(model: nn.Module, images: Tensor, block: int) -> tuple[Tensor, Tensor, float]:

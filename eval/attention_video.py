@@ -141,7 +141,9 @@ def write_attention_video(
         batch.clear()
 
     try:
-        for img in tqdm(frames, total=total, unit="frame", desc=out_path.name, disable=not progress):
+        for img in tqdm(
+            frames, total=total, unit="frame", desc=out_path.name, disable=None if progress else True
+        ):
             first_size = first_size or img.size
             if img.size != first_size:
                 img = img.resize(first_size, Image.BICUBIC)

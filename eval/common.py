@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from dino_train.data import DataError, ImageDataset
-from dino_train.runtime.distributed import DistEnv, detect_env, init_distributed, resolve_device
+from dino_train.runtime.device import pick_device
+from dino_train.runtime.distributed import DistEnv, detect_env, init_distributed
 
 
 def add_backbone_args(parser: argparse.ArgumentParser) -> None:
@@ -23,11 +24,18 @@ def add_backbone_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-key", default="teacher", help="teacher or student, for full checkpoints")
     g.add_argument(
         "--arch",
-        help="vit_tiny|vit_small|vit_base (checked against the checkpoint), or timm:<model name> + --weights",
+        help="checked against the checkpoint: vit_tiny|vit_small|vit_base or a timm model name (which also "
+        "names the model when the weights alone do not tell it); timm:<name> + --weights for timm weights",
     )
     g.add_argument("--patch-size", type=int, help="checked against the checkpoint's patch size")
     g.add_argument("--weights", help="local weights file for --arch timm:<name> (nothing is downloaded)")
     g.add_argument("--non-strict", action="store_true", help="load the weights that fit and report the rest")
+    g.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="UNSAFE: also unpickle Python objects other than the release's plain args; this runs code "
+        "from the file, so use it only for a file you made or trust (default: such files are refused)",
+    )
 
 
 def backbone_from_args(args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any]]:
@@ -37,16 +45,20 @@ def backbone_from_args(args: argparse.Namespace) -> tuple[nn.Module, dict[str, A
     strict = not args.non_strict
     if args.arch and args.arch.startswith("timm:"):
         weights = args.weights or args.checkpoint  # either flag may name the timm weights file
-        return load_backbone(args.arch, args.checkpoint_key, strict=strict, weights=weights)
+        return load_backbone(
+            args.arch, args.checkpoint_key, strict=strict, weights=weights, trust=args.trust_checkpoint
+        )
     if not args.checkpoint:
         raise SystemExit("error: give --checkpoint PATH, or --arch timm:NAME --weights FILE")
-    return load_backbone(args.checkpoint, args.checkpoint_key, args.arch, args.patch_size, strict=strict)
+    return load_backbone(
+        args.checkpoint, args.checkpoint_key, args.arch, args.patch_size, strict, trust=args.trust_checkpoint
+    )
 
 
 def setup_process(device: str) -> tuple[DistEnv, torch.device]:
     """Join the torchrun/Slurm process group if there is one; pick the device for this rank."""
     env = detect_env()
-    dev = resolve_device(device, env.local_rank)
+    dev = pick_device(device, env.local_rank)
     init_distributed(env, dev)
     return env, dev
 

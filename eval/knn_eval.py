@@ -78,8 +78,9 @@ def evaluate_knn(
 
 
 def classify_bank(
-    bank: dict[str, Any], ks: Sequence[int], temperature: float
+    bank: dict[str, Any], ks: Sequence[int], temperature: float, use_gpu: bool | None = None
 ) -> dict[int, tuple[float, float]]:
+    """{k: (top-1 %, top-5 %)} of the val features against the train bank (see ``eval.knn``)."""
     return knn_classify(
         bank["train_feats"],
         bank["train_labels"],
@@ -88,6 +89,7 @@ def classify_bank(
         num_classes=len(bank["classes"]),
         ks=ks,
         temperature=temperature,
+        use_gpu=use_gpu,
     )
 
 

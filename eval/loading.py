@@ -1,61 +1,47 @@
-"""Load a frozen ViT backbone from any of the files people evaluate.
+"""Load a frozen backbone from any of the files people evaluate.
 
 Accepted, told apart by their contents:
 
 - our training checkpoints (``teacher``: ``backbone.*``/``head.*``; ``student``: ``module.backbone.*``);
 - the original release's full checkpoints (the same layout plus a pickled ``argparse.Namespace`` ``args``);
 - backbone-only state dicts: the release's ``dino_deitsmall16_pretrain.pth`` and our ``teacher_backbone.pth``;
+- the release's ResNet-50 and XCiT files (``dino_resnet50_pretrain.pth``, ``dino_xcit_*``);
 - ``timm:<model name>`` with a local ``weights`` file (nothing is ever downloaded).
 
-The architecture is read from the weights (embed dim, depth, patch size, position grid), so the user does
-not have to repeat it, and when they do, a value that does not fit is an error naming what the weights are.
+The architecture comes from what our checkpoints record (the timm name and kwargs), else it is read from
+the weights (``eval.architecture``), so the user does not have to repeat it; when they do, a value that
+does not fit is an error naming what the weights are.
 """
 
 from __future__ import annotations
 
-import argparse
-import math
-import pickle
 import re
-import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from dino_train.models import ARCH_DIMS, build_backbone
-from dino_train.runtime.files import CheckpointError, strip_prefix
+from dino_train.models.backbone import BackboneSpec, backbone_spec, build_from_spec
+from dino_train.runtime.checksums import verify_sidecar
+from dino_train.runtime.files import CheckpointError, UnsafeCheckpointError, strip_prefix
+from dino_train.runtime.safe_load import load_error_reason, load_verified
+from eval.architecture import Inferred, from_recorded, infer_backbone
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _LIST_LIMIT = 12  # keys shown per category in a mismatch report
 
 
-@dataclass(frozen=True)
-class VitSpec:
-    """A ViT's shape as read from its weights."""
+def read_file(path: Path, trust: bool = False) -> tuple[Any, list[str]]:
+    """The file's contents on the CPU, and notes for the user. Never runs code from the file unless
+    ``trust`` (the CLIs' ``--trust-checkpoint``).
 
-    arch: str
-    embed_dim: int
-    depth: int
-    patch_size: int
-    img_size: int  # pixels covered by the position grid: grid * patch_size
-
-    def describe(self) -> str:
-        grid = self.img_size // self.patch_size
-        return (
-            f"{self.arch}/{self.patch_size} (embed dim {self.embed_dim}, {self.depth} blocks, "
-            f"{self.patch_size}x{self.patch_size} patches, {grid}x{grid} position grid = {self.img_size} px)"
-        )
-
-
-def read_file(path: Path) -> tuple[Any, list[str]]:
-    """torch.load on the CPU with ``weights_only=True``, allowing the release's pickled ``args``.
-
-    Falls back to ``weights_only=False`` (which can run code from the file) only when the safe loader
-    refuses a pickled object; the returned notes say so.
+    ``.pth``: ``torch.load(weights_only=True)`` allowing the release's pickled ``args`` (see
+    ``safe_torch_load``); any other pickled class or function is refused with a CheckpointError naming it,
+    or, with ``trust``, loaded by the full unpickler with a warning and a note. Checksums are verified
+    where present (our checkpoints' ``_checksum``, a ``<file>.sha256`` sidecar); a mismatch is an error.
     """
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -64,39 +50,26 @@ def read_file(path: Path) -> tuple[Any, list[str]]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file  # a timm dependency
 
+        verify_sidecar(path)
         try:
             return load_file(str(path), device="cpu"), []
         except Exception as err:
-            raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
+            raise CheckpointError(f"{path} is not a readable safetensors file: {_reason(err)}") from err
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True), []
-    except pickle.UnpicklingError as err:
-        # Only a refused Python class (e.g. a Path inside ``args``) justifies the unsafe loader; garbage
-        # bytes also raise UnpicklingError ("Unsupported operand") and are simply not a checkpoint.
-        if "Unsupported global" not in str(err):
-            raise CheckpointError(f"{path} is not a checkpoint ({_reason(err)})") from err
+        return load_verified(path, "cpu"), []
+    except UnsafeCheckpointError as err:
+        if not trust:
+            raise
         note = (
-            f"{path} holds pickled Python objects besides tensors; loaded with weights_only=False, "
-            "which trusts the file"
+            f"{path} holds a pickled {err.global_name}; loaded with weights_only=False because it is trusted"
         )
-        warnings.warn(note, stacklevel=3)
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False), [note]
-        except Exception as err2:
-            raise CheckpointError(f"{path} is not a checkpoint ({_reason(err2)})") from err2
-    except Exception as err:  # not a zip, truncated, not a torch file at all, ...
-        raise CheckpointError(f"{path} is not a checkpoint ({_reason(err)})") from err
+        return load_verified(path, "cpu", trust=True), [note]
 
 
 def _reason(err: Exception) -> str:
-    """The informative part of a torch.load error: its advice to rerun with weights_only=False is wrong
-    for a file that is not a checkpoint at all."""
-    text = str(err)
-    if "WeightsUnpickler error:" in text:
-        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
-    text = " ".join(text.split())
-    return f"{type(err).__name__}: {text[:300]}"
+    """The informative part of a load error, on one line (torch's advice to rerun with
+    weights_only=False is wrong for a file that is not a checkpoint, and unsafe for the rest)."""
+    return load_error_reason(err)
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -130,35 +103,6 @@ def clean_keys(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], li
     return {k: v for k, v in sd.items() if not k.startswith("head.")}, dropped
 
 
-def infer_vit(sd: dict[str, torch.Tensor], path: Path | str) -> VitSpec:
-    """Read arch, depth, patch size and position grid from backbone weights."""
-    needed = ("cls_token", "pos_embed", "patch_embed.proj.weight")
-    absent = [k for k in needed if k not in sd]
-    if absent:
-        shown = ", ".join(list(sd)[:8]) + (", ..." if len(sd) > 8 else "")
-        raise CheckpointError(
-            f"{path}: no ViT backbone weights (missing {', '.join(absent)}; keys: {shown}). A linear "
-            "classifier or head file is not a backbone."
-        )
-    dim = int(sd["cls_token"].shape[-1])
-    depth = 1 + max((int(m.group(1)) for k in sd if (m := _BLOCK.match(k))), default=-1)
-    patch = int(sd["patch_embed.proj.weight"].shape[-1])
-    tokens = int(sd["pos_embed"].shape[1]) - 1  # one position for the CLS token
-    grid = math.isqrt(tokens)
-    if grid * grid != tokens:
-        raise CheckpointError(f"{path}: pos_embed has {tokens} patch positions, not a square grid")
-    arch = next((a for a, (d, _, _) in ARCH_DIMS.items() if d == dim), None)
-    if arch is None:
-        known = ", ".join(f"{a} ({d})" for a, (d, _, _) in ARCH_DIMS.items())
-        raise CheckpointError(f"{path}: embed dim {dim} matches no known arch; known: {known}")
-    spec = VitSpec(arch, dim, depth, patch, grid * patch)
-    if depth != ARCH_DIMS[arch][1]:
-        raise CheckpointError(
-            f"{path}: weights are {spec.describe()}, but {arch} has {ARCH_DIMS[arch][1]} blocks"
-        )
-    return spec
-
-
 def state_dict_diff(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
     """Readable report of missing keys, unexpected keys and shape mismatches ('' when they match)."""
 
@@ -189,13 +133,38 @@ def _load_weights(model: nn.Module, sd: dict[str, torch.Tensor], strict: bool, p
     return {"missing_keys": list(result.missing_keys), "unexpected_keys": sorted(set(sd) - set(usable))}
 
 
-def _build_timm(name: str) -> nn.Module:
+def _spec_for(
+    obj: Any, sd: dict[str, torch.Tensor], path: Path, arch: str | None, patch_size: int | None
+) -> tuple[BackboneSpec, Inferred | None]:
+    """How to build the backbone: what our checkpoint recorded, else what the weights show, else ``arch``
+    (a timm name); a given ``arch`` or ``patch_size`` must fit the weights."""
+    recorded = from_recorded(obj.get("backbone")) if isinstance(obj, dict) else None
     try:
-        return timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
-    except TypeError:  # not a ViT-like model: no dynamic_img_size argument
-        return timm.create_model(name, pretrained=False, num_classes=0)
-    except RuntimeError as err:  # unknown model name
-        raise CheckpointError(f"timm has no model {name!r}: {err}") from err
+        inferred: Inferred | None = infer_backbone(sd, path)
+    except CheckpointError:
+        if recorded is None and arch is None:
+            raise
+        inferred = None
+    seen = inferred or recorded
+    if seen is not None and arch is not None and arch not in (seen.arch, seen.spec.timm_name):
+        raise CheckpointError(f"{path}: weights are {seen.describe()}; arch {arch!r} does not fit them")
+    if seen is not None and patch_size is not None and patch_size != seen.patch_size:
+        raise CheckpointError(
+            f"{path}: weights are {seen.describe()}; patch size {patch_size} does not fit them"
+        )
+    if seen is None:
+        return backbone_spec(arch), None  # type: ignore[arg-type]
+    return (recorded or seen).spec, inferred
+
+
+def _finish(model: nn.Module, info: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    vit = isinstance(model, VisionTransformer)
+    info.setdefault("embed_dim", int(getattr(model, "num_features", 0)))
+    info.setdefault("depth", len(getattr(model, "blocks", [])))
+    info.setdefault("patch_size", int(model.patch_embed.patch_size[0]) if vit else None)
+    info.setdefault("img_size", int(model.patch_embed.img_size[0]) if vit else None)
+    model.requires_grad_(False)
+    return model.eval(), info
 
 
 def load_backbone(
@@ -205,29 +174,35 @@ def load_backbone(
     patch_size: int | None = None,
     strict: bool = True,
     weights: str | Path | None = None,
+    trust: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A frozen backbone in eval mode on the CPU whose forward gives (B, D) features, and an info dict
-    (source, arch, patch_size, img_size, embed_dim, depth, checkpoint_key, ignored_keys, notes, epoch).
+    (source, arch, timm_name, timm_kwargs, patch_size, img_size, embed_dim, depth, checkpoint_key,
+    ignored_keys, notes, epoch, missing/unexpected keys).
 
     ``path``: a checkpoint file, or ``"timm:<name>"`` with ``weights`` a local file. ``checkpoint_key``
-    picks ``teacher`` or ``student`` in full checkpoints (ignored for backbone-only files). ``arch`` and
-    ``patch_size``, when given, must match the weights. ``strict``: a key or shape mismatch is an error
+    picks ``teacher`` or ``student`` in full checkpoints (ignored for backbone-only files). ``arch`` (a
+    release name or a timm name) and ``patch_size``, when given, must match the weights; ``arch`` names
+    the model when the weights alone do not tell it. ``strict``: a key or shape mismatch is an error
     listing the differences; otherwise the fitting weights are loaded and the rest reported in info.
+    ``trust``: allow pickled Python objects other than the release's plain ``args`` (runs code from the
+    file: only for files you trust).
     """
     if str(path).startswith("timm:"):
-        return _load_timm(str(path)[len("timm:") :], weights, checkpoint_key, strict)
+        return _load_timm(str(path)[len("timm:") :], weights, checkpoint_key, strict, trust)
     path = Path(path)
-    obj, notes = read_file(path)
+    obj, notes = read_file(path, trust)
     raw, used_key = select_state_dict(obj, checkpoint_key, path)
     sd, dropped = clean_keys(raw)
-    spec = infer_vit(sd, path)
-    if arch is not None and arch != spec.arch:
-        raise CheckpointError(f"{path}: weights are {spec.describe()}; arch {arch!r} does not fit them")
-    if patch_size is not None and patch_size != spec.patch_size:
-        raise CheckpointError(
-            f"{path}: weights are {spec.describe()}; patch size {patch_size} does not fit them"
-        )
-    model = build_backbone(spec.arch, spec.patch_size, spec.img_size)
+    spec, inferred = _spec_for(obj, sd, path, arch, patch_size)
+    try:
+        model = build_from_spec(spec)
+    except Exception as err:  # an unknown timm name or kwargs recorded by another timm version
+        raise CheckpointError(f"{path}: cannot build {spec.timm_name} {spec.kwargs}: {err}") from err
+    if inferred is not None and inferred.family == "xcit":
+        from timm.models.xcit import checkpoint_filter_fn  # the release's XCiT key layout -> timm's
+
+        sd = checkpoint_filter_fn(dict(sd), model)
     report = _load_weights(model, sd, strict, path)
     source = "backbone-only"
     if used_key:
@@ -236,48 +211,48 @@ def load_backbone(
         "source": source,
         "path": str(path),
         "checkpoint_key": used_key or None,
-        **asdict(spec),
+        "arch": inferred.arch if inferred is not None else spec.timm_name,
+        "timm_name": spec.timm_name,
+        "timm_kwargs": dict(spec.kwargs),
         "ignored_keys": dropped,
         "notes": notes,
         "epoch": obj["epoch"] if used_key and isinstance(obj.get("epoch"), int) else None,
         **report,
     }
-    model.requires_grad_(False)
-    return model.eval(), info
+    return _finish(model, info)
 
 
 def _load_timm(
-    name: str, weights: str | Path | None, checkpoint_key: str, strict: bool
+    name: str, weights: str | Path | None, checkpoint_key: str, strict: bool, trust: bool
 ) -> tuple[nn.Module, dict[str, Any]]:
     if weights is None:
         raise CheckpointError(
             f"timm:{name} needs a local weights file (--weights FILE); nothing is downloaded"
         )
     wpath = Path(weights)
-    obj, notes = read_file(wpath)
+    obj, notes = read_file(wpath, trust)
     raw, used_key = select_state_dict(obj, checkpoint_key, wpath)
     sd, dropped = clean_keys(raw)
-    model = _build_timm(name)
+    if not timm.is_model(name):
+        raise CheckpointError(f"timm has no model {name!r}")
+    model = build_from_spec(backbone_spec(name))
     # timm names each model's classifier ("head", "fc", "head.fc", ...); it was removed (num_classes=0).
     classifier = str(getattr(model, "pretrained_cfg", {}).get("classifier") or "head") + "."
     expected = model.state_dict()
     extra = sorted(k for k in sd if k.startswith(classifier) and k not in expected)
     sd = {k: v for k, v in sd.items() if k not in extra}
-    dropped = sorted(dropped + extra)
     report = _load_weights(model, sd, strict, wpath)
     info: dict[str, Any] = {
         "source": "timm",
         "path": str(wpath),
         "checkpoint_key": used_key or None,
         "arch": f"timm:{name}",
-        "embed_dim": int(getattr(model, "num_features", 0)),
-        "depth": len(getattr(model, "blocks", [])),
-        "patch_size": int(model.patch_embed.patch_size[0]) if hasattr(model, "patch_embed") else None,
+        "timm_name": name,
+        "timm_kwargs": {},
         "img_size": None,
-        "ignored_keys": dropped,
+        "ignored_keys": sorted(dropped + extra),
         "notes": notes,
         "epoch": None,
         **report,
     }
-    model.requires_grad_(False)
-    return model.eval(), info
+    return _finish(model, info)

@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
 from dino_train.data import IMAGE_EXTENSIONS
+from dino_train.runtime.device import DeviceError, pick_device
 from dino_train.runtime.files import CheckpointError
 from eval.attention import (
     AttentionSummary,
@@ -35,16 +36,12 @@ from eval.attention import (
     vit_patch_size,
 )
 from eval.attention_video import VIDEO_EXTENSIONS, VisualizeError, video_frames, write_attention_video
+from eval.common import add_backbone_args, backbone_from_args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--checkpoint", required=True, help="checkpoint.pth, teacher_backbone.pth or a release .pth"
-    )
-    p.add_argument("--checkpoint-key", default="teacher", help="teacher or student, for full checkpoints")
-    p.add_argument("--arch", help="vit_tiny|vit_small|vit_base, checked against the checkpoint")
-    p.add_argument("--patch-size", type=int, help="checked against the checkpoint's patch size")
+    add_backbone_args(p)
     p.add_argument("--input", required=True, type=Path, help="an image, a folder of images, or a video")
     p.add_argument("--video-frames", action="store_true", help="--input is a folder of video frames")
     p.add_argument("--output", required=True, type=Path, help="folder for the outputs")
@@ -56,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--side-by-side", action="store_true", help="show the input beside the attention")
     p.add_argument("--apply-mask", action="store_true", help="videos: the masked frame, not the heat map")
     p.add_argument("--fps", type=float, help="output frame rate (default: the source's; 25 for frames)")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (off anyway when not a terminal)"
+    )
     args = p.parse_args(argv)
     if args.image_size < 0 or args.batch_size < 1 or not 0.0 <= args.threshold <= 1.0:
         p.error("need --image-size >= 0, --batch-size >= 1 and --threshold in [0, 1]")
@@ -174,16 +174,8 @@ def _images_in(folder: Path) -> list[Path]:
     return found
 
 
-def _device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise VisualizeError("--device cuda was asked for, but torch sees no CUDA device")
-    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
-
-
 def run(args: argparse.Namespace) -> list[Path]:
     """Everything the command line asks for; returns the files written."""
-    from eval.loading import load_backbone
-
     src: Path = args.input
     if not src.exists():
         raise VisualizeError(f"input {src} does not exist")
@@ -196,9 +188,9 @@ def run(args: argparse.Namespace) -> list[Path]:
         frames, fps, total = video_frames(src)
     elif args.video_frames:
         frames, fps, total = (open_image(f) for f in frame_paths), None, len(frame_paths)
-    model, _ = load_backbone(args.checkpoint, args.checkpoint_key, args.arch, args.patch_size)
+    model, _ = backbone_from_args(args)
     try:
-        model = unwrap_vit(model).to(_device(args.device))
+        model = unwrap_vit(model).to(pick_device(args.device))
     except TypeError as err:
         raise VisualizeError(f"{args.checkpoint}: {err}") from err
     size = args.image_size or None
@@ -207,6 +199,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         n = write_attention_video(
             model, frames, out, args.fps or fps or 25.0, size, args.threshold, args.block, args.batch_size,
             side_by_side=args.side_by_side, apply_mask=args.apply_mask, total=total,
+            progress=not args.no_progress,
         )  # fmt: skip
         print(f"wrote {out} ({n} frames)")
         return [out]
@@ -228,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (VisualizeError, CheckpointError, ValueError, IndexError) as err:
+    except (VisualizeError, CheckpointError, DeviceError, ValueError, IndexError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

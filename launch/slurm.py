@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,10 +58,10 @@ class TrainJob:
         cfg = with_job_id(self.cfg)
         result = train(cfg)
         if result.stopped_by is not None:
-            hand_on_to_submitit(result.stopped_by)
-            # Still here: SIGTERM (scancel, or a preemption Slurm requeues itself) or a task other than
-            # rank 0. Leave without a result (SystemExit is not recorded by submitit), so a waiting client
-            # never mistakes this partial run for the job's outcome.
+            # train() handed the signal on to submitit's handler (dino_train.runtime.signals), which
+            # requeues and exits. Still here: SIGTERM (scancel, or a preemption Slurm requeues itself) or a
+            # task other than rank 0. Leave without a result (SystemExit is not recorded by submitit), so a
+            # waiting client never mistakes this partial run for the job's outcome.
             raise SystemExit(
                 f"training stopped by {result.stopped_by} at step {result.step}; the checkpoint in "
                 f"{result.output_dir} resumes it"
@@ -83,19 +81,6 @@ class TrainJob:
         return requeue_or_stop(
             self.requeues, self.max_requeues, f"training in {self.cfg.train.output_dir}", again
         )
-
-
-def hand_on_to_submitit(stopped_by: str) -> None:
-    """train() stopped for submitit's preemption signal: make sure submitit's handler sees it.
-
-    train() is meant to re-send the signal itself (dino_train.runtime.signals.StopSignals.hand_on), and then
-    submitit requeues and exits inside train(), so this is never reached. Where train() returned instead,
-    re-send it here; otherwise the job would end as COMPLETED at the checkpoint and never come back."""
-    import submitit
-
-    signum = submitit.JobEnvironment._usr_sig()
-    if stopped_by == signum.name and callable(signal.getsignal(signum)):
-        os.kill(os.getpid(), signum)  # submitit: checkpoint() -> scontrol requeue -> sys.exit
 
 
 def with_job_id(cfg: Config) -> Config:

@@ -13,7 +13,7 @@ from torch import nn
 
 from dino_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dino_train.models import build_backbone
-from dino_train.monitor.attention_log import log_attention_to_tensorboard
+from dino_train.monitor.periodic import attention_panels
 from eval.attention import (
     attention_maps,
     cls_attention,
@@ -151,21 +151,12 @@ def test_prepare_image_crops_top_left_to_patch_multiples():
         prepare_image(Image.fromarray(arr[:10, :10]), None, 16)
 
 
-class _Writer:
-    def __init__(self):
-        self.calls = []
-
-    def add_image(self, tag, img, global_step, dataformats):
-        self.calls.append((tag, tuple(img.shape), global_step, dataformats, img))
-
-
 def test_tensorboard_panels_from_a_wrapped_model(vit, images):
     wrapper = nn.Module()
     wrapper.backbone = vit  # like the multi-crop wrapper
-    writer = _Writer()
-    log_attention_to_tensorboard(writer, wrapper, images, step=7, tag="attn")
-    assert [c[:4] for c in writer.calls] == [(f"attn/{i}", (3, 24, 80), 7, "CHW") for i in range(2)]
-    img = writer.calls[0][4]
+    panels = attention_panels(wrapper, images)
+    assert panels.shape == (2, 3, 24, 80)
+    img = panels[0]
     assert 0 <= img.min() and img.max() <= 1
     # Left half: the de-normalised image; right half: a heat map, constant over each 8x8 patch.
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)

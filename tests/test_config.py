@@ -64,7 +64,15 @@ def test_overrides_are_typed():
         ("optim.warmup_epochs=200", "optim.warmup_epochs"),
         ("dino.warmup_teacher_temp_epochs=101", "dino.warmup_teacher_temp_epochs"),
         ("data.global_crops_size=100", "data.global_crops_size"),
-        ("model.arch=resnet50", "model.arch"),
+        ("model.arch=resnet5000", "model.arch"),
+        ("optim.lr=.inf", "optim.lr"),
+        ("optim.lr=.nan", "optim.lr"),
+        ("optim.lr=inf", "optim.lr"),
+        ("optim.weight_decay=.inf", "optim.weight_decay"),
+        ("dino.teacher_temp=.inf", "dino.teacher_temp"),
+        ("train.dist_timeout_s=.inf", "train.dist_timeout_s"),
+        ("model.timm_kwargs={depth: .inf}", "model.timm_kwargs.depth"),
+        ("train.progress_bar=sometimes", "train.progress_bar"),
         ("train.precision=fp8", "train.precision"),
         ("model.norm_last_layer=maybe", "model.norm_last_layer"),
         ("dino.center_momentum=1.0", "dino.center_momentum"),
@@ -110,3 +118,28 @@ def test_fused_attention_values_from_the_command_line():
     assert load_config(None, DATA + ["train.fused_attention=explicit"]).train.fused_attention == "explicit"
     with pytest.raises(ConfigError, match="train.fused_attention"):
         load_config(None, DATA + ["train.fused_attention=on"])
+
+
+def test_any_timm_model_name_is_an_arch():
+    cfg = load_config(None, DATA + ["model.arch=resnet50", "model.timm_kwargs={drop_rate: 0.1}"])
+    assert cfg.model.arch == "resnet50" and cfg.model.timm_kwargs == {"drop_rate": 0.1}
+    # A timm model's patch size is its own: global/local sizes are not checked against model.patch_size.
+    assert load_config(None, DATA + ["model.arch=convnext_atto", "data.global_crops_size=100"])
+
+
+def test_non_finite_numbers_are_refused_by_name_everywhere():
+    """Every float field of the schema refuses .inf and .nan, with the key in the message."""
+    import dataclasses
+    import typing
+
+    from dino_train.config import Config
+
+    cfg, floats = Config(), []
+    for section in dataclasses.fields(cfg):
+        hints = typing.get_type_hints(type(getattr(cfg, section.name)))
+        floats += [f"{section.name}.{name}" for name, tp in hints.items() if tp is float]
+    assert len(floats) >= 13  # the test would pass vacuously if the walk found none
+    for key in floats:
+        for bad in (".inf", "-.inf", ".nan"):
+            with pytest.raises(ConfigError, match="finite"):
+                load_config(None, DATA + [f"{key}={bad}"])

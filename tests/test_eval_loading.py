@@ -1,12 +1,14 @@
 """load_backbone on every checkpoint layout we accept, and its errors."""
 
 import argparse
+import datetime
 import pathlib
 
 import pytest
 import timm
 import torch
 
+from dino_train.config import ModelConfig
 from dino_train.models import build_backbone, build_student_teacher
 from dino_train.runtime.files import CheckpointError, with_prefix
 from dino_train.train.checkpoint import export_backbone
@@ -82,22 +84,30 @@ def test_release_full_checkpoint_teacher_and_student(tmp_path, images):
     assert info["checkpoint_key"] == "student"
 
 
-def test_pickled_objects_fall_back_to_full_unpickling_with_a_note(tmp_path, images):
+def test_pickled_objects_need_trust(tmp_path, images):
+    """A Path in the release's args is a plain value and loads; any other pickled object is refused,
+    naming the global, unless the caller trusts the file."""
     src = _vit(3)
     ckpt = {
         "teacher": with_prefix(src.state_dict(), "backbone."),
         "args": argparse.Namespace(out=pathlib.Path("x")),
     }
     torch.save(ckpt, tmp_path / "old.pth")
-    with pytest.warns(UserWarning, match="weights_only=False"):
-        model, info = load_backbone(tmp_path / "old.pth")
+    model, info = load_backbone(tmp_path / "old.pth")
     _same_features(src, model, images)
-    assert len(info["notes"]) == 1
+    assert info["notes"] == []
+    ckpt["args"] = datetime.date(2021, 4, 29)  # a class outside the allow-list (harmless, but unknown)
+    torch.save(ckpt, tmp_path / "odd.pth")
+    with pytest.raises(CheckpointError, match="datetime"):
+        load_backbone(tmp_path / "odd.pth")
+    model, info = load_backbone(tmp_path / "odd.pth", trust=True)
+    _same_features(src, model, images)
+    assert len(info["notes"]) == 1 and "trusted" in info["notes"][0]
 
 
 def test_our_training_checkpoint_and_export(tmp_path, images):
     student, teacher = build_student_teacher(
-        "vit_tiny", 8, 32, 0.1, out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16
+        ModelConfig(arch="vit_tiny", patch_size=8, out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16), 32
     )
     with torch.no_grad():
         for p in teacher.parameters():

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dino_train.core.loss import DINOLoss, batch_center, dino_loss, update_center
+from dino_train.core.centering import batch_center, update_center
+from dino_train.core.loss import DINOLoss, dino_loss
 
 
 def reference_loss(student, teacher, center, n_crops, st, tt):

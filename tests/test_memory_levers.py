@@ -11,7 +11,7 @@ from dino_train.config import load_config
 from dino_train.core.schedules import StepValues
 from dino_train.runtime.distributed import DistEnv
 from dino_train.train.build import build_modules
-from dino_train.train.step import train_step
+from dino_train.train.step import StepSettings, train_step
 
 VALUES = StepValues(lr=1e-3, weight_decay=0.04, momentum=0.9, teacher_temp=0.04)
 
@@ -38,17 +38,10 @@ def modules(**train):
 
 
 def step(mods, crops, accumulation_steps=1):
-    return train_step(
-        mods,
-        crops,
-        VALUES,
-        epoch=3,
-        precision="fp32",
-        device=torch.device("cpu"),
-        clip_grad=0.0,
-        freeze_last_layer=1,
-        accumulation_steps=accumulation_steps,
+    settings = StepSettings(
+        "fp32", torch.device("cpu"), freeze_last_layer=1, accumulation_steps=accumulation_steps
     )
+    return train_step(mods, settings, crops, VALUES, epoch=3)
 
 
 @pytest.mark.parametrize(
@@ -75,8 +68,8 @@ def test_lever_matches_plain_step(levers, accum):
     ):
         assert torch.allclose(x, y, atol=1e-5, rtol=1e-4), name
     # The center moved once, from all 16 teacher rows, not per micro-batch.
-    assert torch.allclose(plain.dino_loss.center, lever.dino_loss.center, atol=1e-6)
-    assert not torch.equal(lever.dino_loss.center, torch.zeros_like(lever.dino_loss.center))
+    assert torch.allclose(plain.objective.dino.center, lever.objective.dino.center, atol=1e-6)
+    assert not torch.equal(lever.objective.dino.center, torch.zeros_like(lever.objective.dino.center))
 
 
 def test_accumulation_must_divide_the_batch():

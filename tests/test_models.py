@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dino_train.config import ModelConfig
 from dino_train.models import DINOHead, MultiCropWrapper, build_backbone, build_student_teacher
 
 RELEASE_BACKBONE_KEYS = {
@@ -117,7 +118,10 @@ def test_multicrop_wrapper_one_pass_per_resolution():
 
 
 def test_student_teacher_equal_start_and_teacher_frozen():
-    s, t = build_student_teacher("vit_tiny", 16, 32, 0.1, 20, head_hidden_dim=32, head_bottleneck_dim=8)
+    m = ModelConfig(
+        arch="vit_tiny", drop_path_rate=0.1, out_dim=20, head_hidden_dim=32, head_bottleneck_dim=8
+    )
+    s, t = build_student_teacher(m, 32)
     for (n1, a), (n2, b) in zip(s.state_dict().items(), t.state_dict().items(), strict=True):
         assert n1 == n2 and torch.equal(a, b)
     assert not any(p.requires_grad for p in t.parameters())

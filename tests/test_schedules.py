@@ -3,7 +3,9 @@ import math
 import pytest
 import torch
 
-from dino_train.core.schedules import build_schedules, cosine_schedule, teacher_temp_schedule
+from dino_train.config import load_config, plan_run
+from dino_train.core.schedules import cosine_schedule, teacher_temp_schedule
+from dino_train.train.build import build_run_schedules
 
 
 def test_cosine_warmup_and_endpoints():
@@ -35,23 +37,23 @@ def test_teacher_temp_per_epoch_and_per_step():
     assert torch.all(const == 0.04) and len(const) == 12
 
 
-def test_build_schedules_at():
-    s = build_schedules(
-        base_lr=0.001,
-        min_lr=1e-6,
-        warmup_epochs=1,
-        weight_decay=0.04,
-        weight_decay_end=0.4,
-        momentum_teacher=0.996,
-        warmup_teacher_temp=0.04,
-        teacher_temp=0.07,
-        warmup_teacher_temp_epochs=1,
-        teacher_temp_per_step=False,
-        epochs=4,
-        steps_per_epoch=10,
+def test_run_schedules_at():
+    cfg = load_config(
+        None,
+        [
+            "data.path=x",
+            "optim.lr=0.001",
+            "optim.min_lr=1e-6",
+            "optim.warmup_epochs=1",
+            "dino.teacher_temp=0.07",
+            "dino.warmup_teacher_temp_epochs=1",
+            "train.epochs=4",
+        ],
     )
+    s = build_run_schedules(cfg, plan_run(cfg, world_size=1, steps_per_epoch=10))
+    assert len(s) == 40
     v0 = s.at(0)
     assert (v0.lr, v0.weight_decay, v0.momentum, v0.teacher_temp) == pytest.approx((0.0, 0.04, 0.996, 0.04))
-    assert s.at(9).lr == pytest.approx(0.001)
+    assert s.at(9).lr == pytest.approx(0.001 * 64 / 256)  # the peak is the lr scaled by the batch of 64
     assert s.at(39).momentum > 0.9999 and s.at(39).weight_decay > 0.399
     assert s.at(1000) == s.at(39)  # past the end the final values hold

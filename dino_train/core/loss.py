@@ -1,4 +1,4 @@
-"""DINO's cross-entropy over crop pairs and the centering of the teacher (pure tensor functions).
+"""DINO's cross-entropy over crop pairs, and the module holding the release's center (pure tensor maths).
 
 The reduction across processes is injected (``all_reduce_sum``), so the maths runs and is tested
 without a process group.
@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dino_train.core.centering import batch_center, update_center
+
 
 class DinoLossTerms(NamedTuple):
     total: torch.Tensor  # the loss that is optimised: mean over all (teacher, student) pairs
@@ -20,34 +22,33 @@ class DinoLossTerms(NamedTuple):
     global_local: torch.Tensor  # mean over the global-local pairs (nan without local crops)
 
 
-def dino_loss(
-    student_out: torch.Tensor,
-    teacher_out: torch.Tensor,
-    center: torch.Tensor,
-    n_crops: int,
-    student_temp: float,
-    teacher_temp: float,
+def centered_teacher(teacher_out: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+    """The release's teacher targets: softmax((logits - center) / teacher_temp), float32, no grad."""
+    return F.softmax((teacher_out.float() - center) / teacher_temp, dim=-1).detach()
+
+
+def dino_cross_entropy(
+    student_out: torch.Tensor, teacher_probs: torch.Tensor, n_crops: int, student_temp: float
 ) -> DinoLossTerms:
-    """Cross-entropy between the centred, sharpened teacher and the student, over crop pairs.
+    """Cross-entropy between teacher targets and the student, over crop pairs.
 
     Args:
         student_out: (n_crops * B, K) student logits, crops stacked as [g1, g2, l1, ..., lN].
-        teacher_out: (2 * B, K) teacher logits of the two global crops.
-        center: (1, K) running mean of teacher logits.
+        teacher_probs: (2 * B, K) teacher distributions of the two global crops (centred and sharpened,
+            or Sinkhorn-Knopp balanced).
 
     Every teacher global crop is paired with every student crop except the same view; each pair
     contributes its batch mean, and the pairs are averaged (2 * (n_crops - 1) of them).
     """
     if n_crops < 2:
         raise ValueError(f"DINO needs at least the two global crops, got n_crops={n_crops}")
-    batch = teacher_out.shape[0] // 2
+    batch = teacher_probs.shape[0] // 2
     if student_out.shape[0] != n_crops * batch:
         raise ValueError(
             f"student_out has {student_out.shape[0]} rows, expected n_crops * B = {n_crops * batch}"
         )
     log_p = F.log_softmax(student_out.float() / student_temp, dim=-1).view(n_crops, batch, -1)
-    q = F.softmax((teacher_out.float() - center) / teacher_temp, dim=-1).detach().view(2, batch, -1)
-
+    q = teacher_probs.float().view(2, batch, -1)
     # Cross-entropy of each pair, batch mean: ce[t, v] = mean_b sum_k -q[t] log_p[v].
     ce = -torch.einsum("tbk,vbk->tv", q, log_p) / batch  # (2, n_crops)
     global_global = ce[0, 1] + ce[1, 0]
@@ -58,27 +59,19 @@ def dino_loss(
     return DinoLossTerms(total, global_global / 2, gl_mean)
 
 
-def batch_center(
-    teacher_out: torch.Tensor, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
-) -> torch.Tensor:
-    """Mean teacher logit over the rows of every process: (R, K) -> (1, K).
-
-    The row count travels with the sum, so ranks with different batch sizes still give the true mean.
-    """
-    summed = torch.cat(
-        [
-            teacher_out.float().sum(dim=0),
-            torch.tensor([teacher_out.shape[0]], dtype=torch.float32, device=teacher_out.device),
-        ]
+def dino_loss(
+    student_out: torch.Tensor,
+    teacher_out: torch.Tensor,
+    center: torch.Tensor,
+    n_crops: int,
+    student_temp: float,
+    teacher_temp: float,
+) -> DinoLossTerms:
+    """The release's DINO loss: ``dino_cross_entropy`` against the centred, sharpened teacher.
+    teacher_out: (2 * B, K) teacher logits of the two global crops; center: (1, K)."""
+    return dino_cross_entropy(
+        student_out, centered_teacher(teacher_out, center, teacher_temp), n_crops, student_temp
     )
-    if all_reduce_sum is not None:
-        summed = all_reduce_sum(summed)
-    return (summed[:-1] / summed[-1]).unsqueeze(0)
-
-
-def update_center(center: torch.Tensor, batch_mean: torch.Tensor, momentum: float) -> torch.Tensor:
-    """EMA of the teacher's mean logit: momentum * center + (1 - momentum) * batch_mean."""
-    return center * momentum + batch_mean * (1 - momentum)
 
 
 class DINOLoss(nn.Module):

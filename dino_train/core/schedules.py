@@ -90,34 +90,3 @@ class Schedules:
             momentum=float(self.momentum[i]),
             teacher_temp=float(self.teacher_temp[i]),
         )
-
-
-def build_schedules(
-    *,
-    base_lr: float,
-    min_lr: float,
-    warmup_epochs: int,
-    weight_decay: float,
-    weight_decay_end: float,
-    momentum_teacher: float,
-    warmup_teacher_temp: float,
-    teacher_temp: float,
-    warmup_teacher_temp_epochs: int,
-    teacher_temp_per_step: bool,
-    epochs: int,
-    steps_per_epoch: int,
-) -> Schedules:
-    """The four schedules of DINO; ``base_lr`` is already scaled by the total batch."""
-    return Schedules(
-        lr=cosine_schedule(base_lr, min_lr, epochs, steps_per_epoch, warmup_epochs),
-        weight_decay=cosine_schedule(weight_decay, weight_decay_end, epochs, steps_per_epoch),
-        momentum=cosine_schedule(momentum_teacher, 1.0, epochs, steps_per_epoch),
-        teacher_temp=teacher_temp_schedule(
-            warmup_teacher_temp,
-            teacher_temp,
-            warmup_teacher_temp_epochs,
-            epochs,
-            steps_per_epoch,
-            per_step=teacher_temp_per_step,
-        ),
-    )

@@ -3,7 +3,7 @@
 from dino_train.data.datasets import IMAGE_EXTENSIONS, DataError, ImageDataset
 from dino_train.data.embedded import EMBEDDED_CLASSES, generate_embedded_dataset
 from dino_train.data.loader import build_pretrain_loader, collate_crops
-from dino_train.data.sampler import MultiCropDataset, ResumableSampler, sample_seed
+from dino_train.data.sampler import MultiCropDataset, ResumableSampler, mix_seed
 from dino_train.data.transforms import MultiCropAugmentation, eval_transform
 
 __all__ = [
@@ -18,5 +18,5 @@ __all__ = [
     "collate_crops",
     "eval_transform",
     "generate_embedded_dataset",
-    "sample_seed",
+    "mix_seed",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 
 import torch
@@ -9,6 +10,19 @@ from torch.utils.data import DataLoader
 
 from dino_train.data.datasets import UNREADABLE, DataError, ImageDataset, load_rgb
 from dino_train.data.sampler import MultiCropDataset, ResumableSampler
+
+# Stop requests are for the training process alone: it checkpoints at the next step and exits 0. A loader
+# worker that died of them instead (torch's default for SIGTERM) would fail the run with "DataLoader worker
+# exited unexpectedly" first. torchrun and a terminal send them to the whole process group.
+WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the worker ignores the stop signals, so the main process decides
+    when to stop; a worker still ends when the main process shuts the loader down or dies (torch's
+    watchdog), and SIGKILL still works. Seeding is per sample (MultiCropDataset), not per worker."""
+    for s in WORKER_IGNORED_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def collate_crops(
@@ -46,6 +60,8 @@ def build_pretrain_loader(
     world_size: int,
     pin_memory: bool,
 ) -> tuple[DataLoader, ResumableSampler]:
+    """The multi-crop loader over the images at ``path`` and its resumable sampler (this rank's share);
+    workers ignore stop signals (see :func:`ignore_stop_signals`)."""
     base = ImageDataset(path)
     probe_readable(base)
     if len(base) < batch_size * world_size:
@@ -65,5 +81,6 @@ def build_pretrain_loader(
         drop_last=True,
         persistent_workers=num_workers > 0,
         prefetch_factor=2 if num_workers > 0 else None,
+        worker_init_fn=ignore_stop_signals,
     )
     return loader, sampler

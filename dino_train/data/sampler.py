@@ -76,8 +76,10 @@ class ResumableSampler(Sampler):
         return max(self._per_rank_len() - self.start_batch * self.batch_size, 0)
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    return ((seed * 1_000_003 + epoch) * 1_000_033 + index) % (2**63)
+def mix_seed(seed: int, a: int, b: int) -> int:
+    """A 63-bit seed from three integers: per sample (seed, epoch, index) and per step (seed, rank, step),
+    so a resumed run draws the same numbers."""
+    return ((seed * 1_000_003 + a) * 1_000_033 + b) % (2**63)
 
 
 class MultiCropDataset(Dataset):
@@ -111,7 +113,7 @@ class MultiCropDataset(Dataset):
         """``(crops, label, unreadable files skipped to get this sample)``."""
         index, epoch = key
         img, label, skipped = self._load(index)
-        s = sample_seed(self.seed, epoch, index)
+        s = mix_seed(self.seed, epoch, index)
         py_state = random.getstate()
         try:
             with torch.random.fork_rng(devices=[]):

@@ -2,72 +2,144 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, NamedTuple
+
 import torch
 from torch import nn
 
-from dino_train.models.backbone import build_backbone, embed_dim
+from dino_train.models.backbone import BackboneSpec, as_vit, backbone_spec, build_from_spec, embed_dim
 from dino_train.models.head import DINOHead
+
+if TYPE_CHECKING:
+    from dino_train.config import IBOTConfig, ModelConfig
+
+
+class CropOutputs(NamedTuple):
+    logits: torch.Tensor  # (sum of batch sizes, out_dim): the head on each crop's CLS feature, crop order
+    features: torch.Tensor  # (sum of batch sizes, embed_dim): the backbone's CLS features
+    patch_logits: torch.Tensor | None  # (B_first, N, patch out_dim): the first resolution's patch tokens
 
 
 class MultiCropWrapper(nn.Module):
-    """Holds ``backbone`` and ``head``: weights are named ``backbone.*`` and ``head.*`` as in the release."""
+    """Holds ``backbone`` and ``head`` (weights named ``backbone.*`` and ``head.*`` as in the release) and,
+    for iBOT, a learnable ``mask_token`` and optionally its own ``patch_head``."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        patch_head: nn.Module | None = None,
+        mask_token: bool = False,
+    ):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        if patch_head is not None:
+            self.patch_head = patch_head
+        self._masks: torch.Tensor | None = None
+        if mask_token:
+            vit = as_vit(backbone, "iBOT's masked patches")
+            self.mask_token = nn.Parameter(torch.zeros(1, vit.embed_dim))
+            # A hook, not a replaced module: the backbone's weight names stay the release's.
+            vit.patch_embed.register_forward_hook(self._mask_patches)
+
+    def _mask_patches(self, _module: nn.Module, _args: tuple, x: torch.Tensor) -> torch.Tensor | None:
+        """Patch embeddings (B, h, w, D) with the masked positions replaced by the mask token."""
+        if self._masks is None:
+            return None
+        m = self._masks.view(*x.shape[:-1], 1)
+        return torch.where(m, self.mask_token.to(x.dtype).view(1, 1, 1, -1), x)
 
     def forward(
-        self, crops: list[torch.Tensor] | torch.Tensor, return_features: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        self,
+        crops: list[torch.Tensor] | torch.Tensor,
+        return_features: bool = False,
+        masks: torch.Tensor | None = None,
+        patches: bool = False,
+        outputs: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | CropOutputs:
         """crops: list of (B, 3, H_i, W_i); consecutive crops of one size share a backbone pass.
 
         Returns (sum of batch sizes, out_dim) head outputs in crop order, and with ``return_features``
-        also the backbone's CLS features (sum of batch sizes, embed_dim).
+        also the backbone's CLS features (sum of batch sizes, embed_dim). With ``outputs`` the whole
+        ``CropOutputs`` of ``forward_crops`` (called through ``forward``, so that DDP sees the call).
         """
+        out = self.forward_crops(crops, masks, patches)
+        if outputs:
+            return out
+        return (out.logits, out.features) if return_features else out.logits
+
+    def forward_crops(
+        self,
+        crops: list[torch.Tensor] | torch.Tensor,
+        masks: torch.Tensor | None = None,
+        patches: bool = False,
+    ) -> CropOutputs:
+        """As ``forward``, and with ``patches`` the patch head's output on the patch tokens of the first
+        resolution group (the global crops), whose patches ``masks`` (B_first, N) bool replaces by the
+        mask token (the later groups are never masked)."""
         if isinstance(crops, torch.Tensor):
             crops = [crops]
-        feats = []
-        start = 0
+        feats, patch_tokens, start = [], None, 0
         while start < len(crops):
             end = start + 1
             while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
                 end += 1
-            feats.append(self.backbone(torch.cat(crops[start:end])))
+            x = torch.cat(crops[start:end])
+            if start == 0 and patches:
+                self._masks = masks
+                try:
+                    tokens = self.backbone.forward_features(x)
+                finally:
+                    self._masks = None
+                feats.append(self.backbone.forward_head(tokens))
+                patch_tokens = tokens[:, self.backbone.num_prefix_tokens :]
+            else:
+                feats.append(self.backbone(x))
             start = end
         features = torch.cat(feats)
-        out = self.head(features)
-        return (out, features) if return_features else out
+        patch_logits = None
+        if patch_tokens is not None:
+            head = getattr(self, "patch_head", self.head)
+            b, n, d = patch_tokens.shape
+            patch_logits = head(patch_tokens.reshape(b * n, d)).view(b, n, -1)
+        return CropOutputs(self.head(features), features, patch_logits)
+
+
+def model_spec(m: ModelConfig, img_size: int) -> BackboneSpec:
+    """The backbone a model section describes, with the position grid covering ``img_size`` pixels."""
+    kwargs = dict(m.timm_kwargs)
+    if m.num_registers:
+        kwargs["reg_tokens"] = m.num_registers
+    return backbone_spec(m.arch, m.patch_size, img_size, kwargs)
 
 
 def build_student_teacher(
-    arch: str,
-    patch_size: int,
-    img_size: int,
-    drop_path_rate: float,
-    out_dim: int,
-    use_bn_in_head: bool = False,
-    norm_last_layer: bool = True,
-    head_nlayers: int = 3,
-    head_hidden_dim: int = 2048,
-    head_bottleneck_dim: int = 256,
+    m: ModelConfig, img_size: int, ibot: IBOTConfig | None = None
 ) -> tuple[MultiCropWrapper, MultiCropWrapper]:
-    """Student (with drop path) and teacher (without), the teacher initialised equal and frozen."""
+    """Student (with drop path) and teacher (without), the teacher initialised equal and frozen. With an
+    ``ibot`` section whose loss is on, both get a mask token and, if asked, a separate patch head."""
+    spec = model_spec(m, img_size)
+    use_ibot = ibot is not None and ibot.loss_weight > 0
+
+    def head(dim: int, out_dim: int) -> DINOHead:
+        return DINOHead(
+            dim,
+            out_dim,
+            use_bn=m.use_bn_in_head,
+            norm_last_layer=m.norm_last_layer,
+            nlayers=m.head_nlayers,
+            hidden_dim=m.head_hidden_dim,
+            bottleneck_dim=m.head_bottleneck_dim,
+        )
 
     def make(dpr: float) -> MultiCropWrapper:
-        backbone = build_backbone(arch, patch_size, img_size, dpr)
-        head = DINOHead(
-            embed_dim(backbone),
-            out_dim,
-            use_bn=use_bn_in_head,
-            norm_last_layer=norm_last_layer,
-            nlayers=head_nlayers,
-            hidden_dim=head_hidden_dim,
-            bottleneck_dim=head_bottleneck_dim,
-        )
-        return MultiCropWrapper(backbone, head)
+        backbone = build_from_spec(spec, dpr)
+        dim = embed_dim(backbone)
+        patch_head = head(dim, ibot.out_dim or m.out_dim) if use_ibot and ibot.separate_head else None
+        return MultiCropWrapper(backbone, head(dim, m.out_dim), patch_head, mask_token=use_ibot)
 
-    student = make(drop_path_rate)
+    student = make(m.drop_path_rate)
     teacher = make(0.0)
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():

@@ -1,19 +1,32 @@
-"""Rank-0 monitoring: progress bar, TensorBoard scalars and a JSON-lines log."""
+"""Rank-0 run log: TensorBoard scalars, a JSON-lines file, and the console (a progress bar on a terminal,
+plain lines elsewhere: Slurm logs and redirected output get no carriage-return frames)."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
+import os
+import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tqdm import tqdm
 
-from dino_train.core.schedules import StepValues
+LINE_INTERVAL_S = 10.0  # plain progress lines at most this often (and on the first and last step)
 
-if TYPE_CHECKING:
-    from dino_train.train.step import StepOutput
+
+def use_progress_bar(setting: bool | str, stream: Any = None) -> bool:
+    """A bar only on a terminal, never under Slurm (whose logs are files), and not when switched off."""
+    stream = sys.stderr if stream is None else stream
+    if setting is False:
+        return False
+    return bool(getattr(stream, "isatty", lambda: False)()) and "SLURM_JOB_ID" not in os.environ
+
+
+def _eta(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(max(seconds, 0.0))))
 
 
 class Monitor:
@@ -25,12 +38,11 @@ class Monitor:
         enabled: bool,
         total_steps: int,
         initial_step: int = 0,
-        progress_bar: bool = True,
+        progress_bar: bool | str = "auto",
     ):
-        self.enabled = enabled
-        self.writer = None
-        self.bar = None
-        self.log_file = None
+        self.enabled, self.total, self.initial = enabled, total_steps, initial_step
+        self.writer = self.bar = self.log_file = None
+        self.started, self.last_line = time.perf_counter(), -math.inf
         if not enabled:
             return
         out = Path(output_dir)
@@ -38,26 +50,42 @@ class Monitor:
 
         self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
         self.log_file = open(out / "log.jsonl", "a", buffering=1)  # noqa: SIM115 - lives as long as the run
-        self.bar = tqdm(
-            total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True, disable=not progress_bar
-        )
+        if use_progress_bar(progress_bar):
+            self.bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
 
     def scalars(self, step: int, values: dict[str, float], prefix: str = "train") -> None:
-        if not self.enabled:
-            return
-        for k, v in values.items():
-            self.writer.add_scalar(f"{prefix}/{k}", v, step)
+        if self.enabled:
+            for k, v in values.items():
+                self.writer.add_scalar(f"{prefix}/{k}" if prefix else k, v, step)
 
     def record(self, kind: str, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.log_file.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **values}) + "\n")
+        finite = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()
+        }
+        self.log_file.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **finite}) + "\n")
 
-    def advance(self, n: int, postfix: dict[str, str] | None = None) -> None:
+    def progress(self, step: int, epoch: int, shown: dict[str, str] | None = None) -> None:
+        """After each step: the bar moves; without a bar, a line every LINE_INTERVAL_S seconds (and at the
+        first and the last step) shows step, epoch, ``shown`` (loss, lr, ...) and the ETA."""
+        if not self.enabled:
+            return
         if self.bar is not None:
-            self.bar.update(n)
-            if postfix:
-                self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(step - self.bar.n)
+            if shown:
+                self.bar.set_postfix({"ep": str(epoch), **shown}, refresh=False)
+            return
+        now = time.perf_counter()
+        if shown is None or (
+            now - self.last_line < LINE_INTERVAL_S and step not in (self.initial + 1, self.total)
+        ):
+            return
+        self.last_line = now
+        rate = (step - self.initial) / max(now - self.started, 1e-9)
+        parts = [f"step {step}/{self.total}", f"epoch {epoch}", *(f"{k} {v}" for k, v in shown.items())]
+        parts.append(f"eta {_eta((self.total - step) / max(rate, 1e-9))}")
+        print("  ".join(parts), flush=True)
 
     def text(self, tag: str, text: str) -> None:
         if self.enabled:
@@ -69,67 +97,14 @@ class Monitor:
 
     def warn(self, text: str) -> None:
         """A health warning: console, TensorBoard text (health/warnings) and the JSON log."""
-        if not self.enabled:
-            return
-        self.message(f"WARNING: {text}")
-        self.writer.add_text("health/warnings", text)
-        self.record("warning", -1, {"message": text})
+        if self.enabled:
+            self.message(f"WARNING: {text}")
+            self.writer.add_text("health/warnings", text)
+            self.record("warning", -1, {"message": text})
 
     def close(self) -> None:
-        if not self.enabled:
-            return
-        self.bar.close()
-        self.writer.close()
-        self.log_file.close()
-
-
-# TensorBoard groups: related curves side by side.
-GROUPS = {
-    "loss": "loss",
-    "loss_global_global": "loss",
-    "loss_global_local": "loss",
-    "lr": "schedule",
-    "weight_decay": "schedule",
-    "momentum": "schedule",
-    "teacher_temp": "schedule",
-    "grad_norm": "grad",
-    "grad_norm_backbone": "grad",
-    "grad_norm_head": "grad",
-    "images_per_s": "speed",
-    "step_time_s": "speed",
-    "data_time_s": "speed",
-}
-
-
-def step_scalars(
-    res: StepOutput, values: StepValues, t_data: float, t_step: float, total_batch: int
-) -> dict[str, float]:
-    """Read the step's scalars: the only host syncs of the loop, on logging steps."""
-    scalars = {
-        "loss": res.loss.item(),
-        "loss_global_global": res.loss_global_global.item(),
-        "loss_global_local": res.loss_global_local.item(),
-        "lr": values.lr,
-        "weight_decay": values.weight_decay,
-        "momentum": values.momentum,
-        "teacher_temp": values.teacher_temp,
-        "grad_norm": res.grad_norm.item(),
-        "images_per_s": total_batch / max(t_step, 1e-9),
-        "step_time_s": t_step,
-        "data_time_s": t_data,
-    }
-    scalars.update({k: v.item() for k, v in res.metrics.items()})
-    return scalars
-
-
-def log_scalars(monitor: Monitor, step: int, epoch: int, scalars: dict[str, float]) -> None:
-    """TensorBoard (grouped: loss/, schedule/, grad/, speed/, health/) and one JSON line."""
-    if not monitor.enabled:
-        return
-    for k, v in scalars.items():
-        monitor.writer.add_scalar(f"{GROUPS.get(k, 'health')}/{k}", v, step)
-    finite = {k: (v if math.isfinite(v) else None) for k, v in scalars.items()}
-    monitor.record("step", step, {"epoch": epoch, **finite})
-    monitor.advance(
-        0, {"loss": f"{scalars['loss']:.4f}", "img/s": f"{scalars['images_per_s']:.1f}", "ep": str(epoch)}
-    )
+        if self.enabled:
+            if self.bar is not None:
+                self.bar.close()
+            self.writer.close()
+            self.log_file.close()

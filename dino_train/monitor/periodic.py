@@ -1,53 +1,99 @@
-"""k-NN accuracy of the teacher during pretraining, so representation quality (and collapse) shows while
-the run goes on, without a separate job."""
+"""Evaluation during pretraining, through ``eval``'s primitives: k-NN accuracy of the teacher and its
+attention maps in TensorBoard, each every few epochs, so quality (and collapse) shows while the run goes
+on, without a separate job."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from dino_train.config import MonitorConfig
+from dino_train.config import Config, knn_sizes
 from dino_train.data import DataError, ImageDataset, eval_transform
-from eval.features import extract_features
-from eval.knn import knn_classify
+from dino_train.monitor.logger import Monitor
+from eval.attention import colorize, denormalize, summarize, upsample
+from eval.common import class_folders
+from eval.knn_eval import classify_bank, extract_bank
+
+if TYPE_CHECKING:  # the loop calls these hooks; monitor never imports the loop
+    from dino_train.train.state import TrainState
 
 
-class PeriodicKNN:
-    """Holds the labelled train/val sets; ``evaluate`` embeds both with the given backbone (sharded over
-    ranks) and returns {k: (top-1 %, top-5 %)} on every rank."""
+class EpochHook:
+    """A hook of the training loop that acts at epoch ends only."""
 
-    def __init__(self, cfg: MonitorConfig, global_crops_size: int, device: torch.device):
-        root = Path(cfg.knn_data)
-        crop = cfg.knn_crop or global_crops_size
-        resize = cfg.knn_resize or round(global_crops_size * 256 / 224)
-        transform = eval_transform(resize, crop)
+    def after_step(self, ev: object) -> None:
+        pass
+
+
+@dataclass
+class PeriodicKNN(EpochHook):
+    """k-NN top-1/top-5 of the teacher backbone on a train/ + val/ class-folder pair every ``every``
+    epochs: features sharded over ranks, every rank classifies (faiss on the CPU)."""
+
+    cfg: Config
+    monitor: Monitor
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        root = Path(self.cfg.monitor.knn_data)
         for split in ("train", "val"):
             if not (root / split).is_dir():
                 raise DataError(f"monitor.knn_data: {root / split} is not a folder (need train/ and val/)")
-        self.train_set = ImageDataset(root / "train", transform)
-        self.val_set = ImageDataset(root / "val", transform)
-        if not self.train_set.classes:
-            raise DataError(f"monitor.knn_data: {root / 'train'} has no class folders, so no labels")
-        self.cfg = cfg
-        self.device = device
+        transform = eval_transform(*knn_sizes(self.cfg))
+        self.data = class_folders(root / "train", root / "val", transform, transform)
 
     def evaluate(self, backbone: nn.Module) -> dict[int, tuple[float, float]]:
-        bs = self.cfg.knn_batch_size
-        train_x, train_y = extract_features(backbone, self.train_set, bs, 0, self.device, progress=False)
-        val_x, val_y = extract_features(backbone, self.val_set, bs, 0, self.device, progress=False)
-        # Val labels follow the train classes by name; a class only in val cannot be predicted.
-        names = self.train_set.classes
-        remap = torch.tensor([names.index(c) if c in names else -1 for c in self.val_set.classes])
-        val_y = remap[val_y]
-        return knn_classify(
-            train_x,
-            train_y,
-            val_x,
-            val_y,
-            len(names),
-            self.cfg.knn_ks,
-            self.cfg.knn_temperature,
-            use_gpu=False,
-        )
+        mon = self.cfg.monitor
+        bank = extract_bank(backbone, self.data, mon.knn_batch_size, 0, self.device, progress=False)
+        return classify_bank(bank, mon.knn_ks, mon.knn_temperature, use_gpu=False)
+
+    def after_epoch(self, state: TrainState, epoch: int) -> None:
+        if (epoch + 1) % self.cfg.monitor.knn_every_epochs:
+            return
+        accuracy = self.evaluate(state.mods.teacher.backbone)
+        top1 = {f"knn_top1_k{k}": a[0] for k, a in accuracy.items()}
+        self.monitor.scalars(state.step, top1, prefix="knn")
+        top5 = {f"knn_top5_k{k}": a[1] for k, a in accuracy.items()}
+        self.monitor.record("knn", state.step, {"epoch": epoch, **top1, **top5})
+        shown = ", ".join(f"k={k}: {a[0]:.1f}%" for k, a in accuracy.items())
+        self.monitor.message(f"epoch {epoch}: k-NN top-1 {shown}")
+
+
+def fixed_images(folder: str | Path, size: int, limit: int = 4) -> Tensor:
+    """Up to ``limit`` images of ``folder`` (class folders or flat), resized and centre-cropped to ``size``
+    (a multiple of the patch size) and normalised: (B, 3, size, size). The same images every call."""
+    ds = ImageDataset(folder, eval_transform(size, size))
+    step = max(len(ds) // limit, 1)  # spread over the classes rather than the first few files
+    return torch.stack([ds[i][0] for i in range(0, len(ds), step)][:limit])
+
+
+def attention_panels(model: nn.Module, images: Tensor, block: int = -1) -> Tensor:
+    """Normalised (B, 3, H, W) images -> (B, 3, H, 2W) RGB in [0, 1]: the image, then its head-mean CLS
+    attention (nearest-upsampled, inferno). H and W must be multiples of the patch size."""
+    s = summarize(model, images, block=block)
+    heat = colorize(upsample(s.mean, images.shape[-1] // s.mean.shape[-1])[:, 0])
+    return torch.cat([denormalize(images), heat], dim=-1)
+
+
+@dataclass
+class AttentionImages(EpochHook):
+    """The teacher's head-mean CLS attention on a few fixed images, as TensorBoard images ``attention/i``
+    every ``monitor.attention_every_epochs`` epochs (rank 0; ViT backbones only)."""
+
+    cfg: Config
+    monitor: Monitor
+
+    def __post_init__(self) -> None:
+        self.images = fixed_images(self.cfg.monitor.attention_images, self.cfg.data.global_crops_size)
+
+    def after_epoch(self, state: TrainState, epoch: int) -> None:
+        if (epoch + 1) % self.cfg.monitor.attention_every_epochs or self.monitor.writer is None:
+            return
+        model = state.mods.teacher.backbone
+        device = next(model.parameters()).device
+        for i, panel in enumerate(attention_panels(model, self.images.to(device)).cpu()):
+            self.monitor.writer.add_image(f"attention/{i}", panel, global_step=state.step, dataformats="CHW")

@@ -65,17 +65,6 @@ def detect_env(environ: dict[str, str] | None = None) -> DistEnv:
     return DistEnv()
 
 
-def resolve_device(requested: str, local_rank: int) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            "train.device: cuda was asked for but torch sees no CUDA device; use train.device=cpu"
-        )
-    if requested in ("cuda", "auto") and torch.cuda.is_available():
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
 def init_distributed(env: DistEnv, device: torch.device, timeout_s: float = 1800.0) -> None:
     """Join the process group when there is more than one process; a single process needs none.
 

@@ -3,7 +3,11 @@
 Layout (all plain tensors, numbers, strings and dicts, so ``torch.load(weights_only=True)`` reads it):
 ``student`` (``module.backbone.*``, ``module.head.*``, as a DDP student is saved), ``teacher``
 (``backbone.*``, ``head.*``), ``optimizer``, ``epoch``, ``dino_loss`` ({"center"}), ``fp16_scaler`` (fp16
-only), and ours: ``step``, ``batch_in_epoch``, ``world_size``, ``config``, ``format_version``.
+only), and ours: ``step``, ``batch_in_epoch``, ``world_size``, ``config``, ``format_version``, and
+``_checksum`` (a SHA-256 over every tensor, checked on resume and by the eval loaders: torch's zip reader
+does not check CRCs, so flipped bytes would otherwise load silently). Release files and our checkpoints from
+before checksums load unverified. ``teacher_backbone.pth`` stays a plain {name: tensor} state dict (the
+release's code loads it with ``strict=True``); its checksum is the sidecar ``teacher_backbone.pth.sha256``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dino_train.runtime.files import CheckpointError, atomic_alias, atomic_save, fsync_dir
+from dino_train.runtime.files import CheckpointError, atomic_alias, atomic_save, fsync_dir, save_failure
+from dino_train.runtime.safe_load import load_verified
 
 LATEST = "checkpoint.pth"
 BACKBONE_EXPORT = "teacher_backbone.pth"
@@ -25,13 +30,13 @@ _NUMBERED = re.compile(r"^checkpoint-step(\d{8})\.pth$")
 REQUIRED_KEYS = ("student", "teacher", "optimizer", "epoch", "dino_loss")
 
 
-def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read one of our checkpoints; raise CheckpointError naming the file if it is not one."""
+def load_file(
+    path: str | Path, map_location: str | torch.device = "cpu", trust: bool = False
+) -> dict[str, Any]:
+    """Read one of our checkpoints, verifying its checksum where it has one; raise CheckpointError naming
+    the file if it is not one, is corrupt, or pickles code (unless ``trust``: see ``safe_torch_load``)."""
     path = Path(path)
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # truncated zip, not a torch file, pickled objects, ...
-        raise CheckpointError(f"{path} is not a readable checkpoint: {type(err).__name__}: {err}") from err
+    state = load_verified(path, map_location, trust)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint dict")
     missing = [k for k in REQUIRED_KEYS if k not in state]
@@ -58,8 +63,14 @@ class CheckpointManager:
         return sorted(found)
 
     def save(self, state: dict[str, Any], step: int, keep_epoch: int | None = None) -> Path:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        path = atomic_save(state, self.dir / f"checkpoint-step{step:08d}.pth")
+        """Write ``state`` (with its checksum) as the checkpoint of ``step``, point ``checkpoint.pth`` at it,
+        prune old ones. A failed write raises CheckpointError and leaves the earlier checkpoints intact."""
+        target = self.dir / f"checkpoint-step{step:08d}.pth"
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise save_failure(target, err) from err
+        path = atomic_save(state, target, checksum=True)
         atomic_alias(path, self.dir / LATEST)
         if keep_epoch is not None:
             atomic_alias(path, self.dir / f"checkpoint{keep_epoch:04d}.pth")
@@ -69,7 +80,8 @@ class CheckpointManager:
         return path
 
     def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], Path] | None:
-        """The newest checkpoint that reads back whole; a corrupt newest one is reported and skipped."""
+        """The newest checkpoint that reads back whole and matches its checksum; a corrupt newest one is
+        reported (a warning naming it) and skipped for the one before."""
         candidates = [p for _, p in reversed(self.numbered())]
         if not candidates and (self.dir / LATEST).exists():
             candidates = [self.dir / LATEST]
@@ -88,5 +100,6 @@ class CheckpointManager:
 
 
 def export_backbone(model: nn.Module, path: str | Path) -> Path:
-    """Backbone weights alone, keyed like the release's ``dino_deitsmall16_pretrain.pth``."""
-    return atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+    """Backbone weights alone, keyed like the release's ``dino_deitsmall16_pretrain.pth``: a plain state
+    dict, so the release's ``load_state_dict(strict=True)`` takes it; checksum in ``<path>.sha256``."""
+    return atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path, sidecar=True)

@@ -1,68 +1,120 @@
-"""What a checkpoint holds of a run, restoring it, and where a resumed run continues."""
+"""A run's state (models, optimizer, scaler, loss state, schedules, position in the data), what a
+checkpoint holds of it, and restoring it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dino_train.config import Config, to_dict
+import torch
+
+from dino_train.config import Config, RunPlan, position_grid_size, to_dict
+from dino_train.core.schedules import Schedules
+from dino_train.models import model_spec
+from dino_train.runtime.distributed import DistEnv
 from dino_train.runtime.files import CheckpointError, strip_prefix, with_prefix
 from dino_train.train.step import TrainModules
 
+FORMAT_VERSION = 1
 
-def checkpoint_state(
-    mods: TrainModules, cfg: Config, world_size: int, epoch: int, batch: int, step: int, spe: int
-) -> dict[str, Any]:
-    state = {
+
+@dataclass(frozen=True)
+class RunContext:
+    """Where this process runs: its place in the launch, its device and the precision it trains in."""
+
+    env: DistEnv
+    device: torch.device
+    precision: str
+
+
+@dataclass
+class TrainState:
+    """Everything that changes during a run. ``epoch`` and ``batch`` are the position of the next batch
+    to train on (``batch`` batches of ``epoch`` are done); ``step`` counts optimizer steps."""
+
+    mods: TrainModules
+    sched: Schedules
+    plan: RunPlan
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+    def advance(self) -> bool:
+        """Count one finished step; returns True when it ended its epoch."""
+        self.step += 1
+        self.batch += 1
+        if self.batch == self.plan.steps_per_epoch:
+            self.epoch, self.batch = self.epoch + 1, 0
+            return True
+        return False
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.plan.total_steps
+
+
+def checkpoint_state(state: TrainState, cfg: Config) -> dict[str, Any]:
+    """The release's layout (student ``module.*``, teacher, optimizer, epoch, dino_loss, fp16_scaler) plus
+    ours: the position, the config and the backbone's timm name and kwargs, all plain data."""
+    mods, plan = state.mods, state.plan
+    ckpt = {
         "student": with_prefix(mods.student_plain.state_dict(), "module."),
         "teacher": mods.teacher.state_dict(),
         "optimizer": mods.optimizer.state_dict(),
-        "epoch": epoch,  # the epoch to run next (the one in progress when batch_in_epoch > 0)
-        "batch_in_epoch": batch,
-        "step": step,
-        "steps_per_epoch": spe,
-        "world_size": world_size,
-        "samples_seen": step * cfg.data.batch_size_per_gpu * world_size,
-        "dino_loss": mods.dino_loss.state_dict(),
+        "epoch": state.epoch,  # the epoch to run next (the one in progress when batch_in_epoch > 0)
+        "batch_in_epoch": state.batch,
+        "step": state.step,
+        "steps_per_epoch": plan.steps_per_epoch,
+        "world_size": plan.world_size,
+        "samples_seen": state.step * plan.total_batch,
+        "dino_loss": mods.objective.dino.state_dict(),
         "config": to_dict(cfg),
-        "format_version": 1,
+        "backbone": model_spec(cfg.model, position_grid_size(cfg)).as_dict(),
+        "format_version": FORMAT_VERSION,
     }
+    if mods.objective.uses_patches:
+        ckpt["ibot_loss"] = mods.objective.patch.state_dict()
     if mods.scaler is not None:
-        state["fp16_scaler"] = mods.scaler.state_dict()
-    return state
+        ckpt["fp16_scaler"] = mods.scaler.state_dict()
+    return ckpt
 
 
-def restore(mods: TrainModules, state: dict[str, Any], path: Path) -> None:
+def restore(mods: TrainModules, ckpt: dict[str, Any], path: Path) -> None:
     try:
-        mods.student_plain.load_state_dict(strip_prefix(state["student"], "module."))
-        mods.teacher.load_state_dict(state["teacher"])
-        mods.dino_loss.load_state_dict(state["dino_loss"])
-        mods.optimizer.load_state_dict(state["optimizer"])
+        mods.student_plain.load_state_dict(strip_prefix(ckpt["student"], "module."))
+        mods.teacher.load_state_dict(ckpt["teacher"])
+        mods.objective.dino.load_state_dict(ckpt["dino_loss"])
+        if mods.objective.uses_patches:
+            mods.objective.patch.load_state_dict(ckpt["ibot_loss"])
+        mods.optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError) as err:
         raise CheckpointError(
             f"{path} does not fit the model of this config (another architecture or out_dim?): {err}\n"
             "Nothing was overwritten; point train.output_dir elsewhere or fix the config."
         ) from err
-    if mods.scaler is not None and "fp16_scaler" in state:
-        mods.scaler.load_state_dict(state["fp16_scaler"])
+    if mods.scaler is not None and "fp16_scaler" in ckpt:
+        mods.scaler.load_state_dict(ckpt["fp16_scaler"])
 
 
-def resume_point(
-    state: dict[str, Any], path: Path, steps_per_epoch: int, batch_size: int, world_size: int
-) -> tuple[int, int, int, list[str]]:
-    """(step, epoch, batch in epoch, notes) at which a run resumed from ``state`` continues.
+def resume(state: TrainState, ckpt: dict[str, Any], path: Path) -> list[str]:
+    """Restore ``state`` from a checkpoint and set where it continues; returns notes for the log.
 
     With another world size or batch the steps per epoch differ; the schedules then continue by the
     number of samples seen, which is what they measure.
     """
-    step, epoch, batch = state["step"], state["epoch"], state["batch_in_epoch"]
+    restore(state.mods, ckpt, path)
+    step, epoch, batch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+    spe = state.plan.steps_per_epoch
     notes = []
-    if state.get("steps_per_epoch") != steps_per_epoch:
-        step = round(state["samples_seen"] / (batch_size * world_size))
-        epoch, batch = divmod(step, steps_per_epoch)
+    if ckpt.get("steps_per_epoch") != spe:
+        step = round(ckpt["samples_seen"] / state.plan.total_batch)
+        epoch, batch = divmod(step, spe)
         notes.append(
-            f"steps per epoch changed ({state.get('steps_per_epoch')} -> {steps_per_epoch}, world size "
-            f"{state.get('world_size')} -> {world_size}); schedules continue by samples seen, at step {step}"
+            f"steps per epoch changed ({ckpt.get('steps_per_epoch')} -> {spe}, world size "
+            f"{ckpt.get('world_size')} -> {state.plan.world_size}); schedules continue by samples seen, "
+            f"at step {step}"
         )
+    state.step, state.epoch, state.batch = step, epoch, batch
     notes.insert(0, f"resumed from {path} at epoch {epoch}, batch {batch}, step {step}")
-    return step, epoch, batch, notes
+    return notes

@@ -11,18 +11,18 @@ import torch
 from torch import nn
 
 from dino_train.core.ema import ema_update_
-from dino_train.core.loss import DINOLoss, DinoLossTerms
 from dino_train.core.metrics import dino_metrics, feature_std
 from dino_train.core.schedules import StepValues
+from dino_train.models.wrapper import CropOutputs
 from dino_train.runtime.precision import autocast
+from dino_train.train.objective import LossTerms, Objective
 from dino_train.train.optim import apply_step_values, cancel_last_layer_grads, clip_gradients
 
 
 @dataclass
 class StepOutput:
     loss: torch.Tensor  # detached scalars; reading them is the caller's choice (a host sync)
-    loss_global_global: torch.Tensor
-    loss_global_local: torch.Tensor
+    parts: dict[str, torch.Tensor]  # the loss's terms (loss_dino, loss_global_global, ..., loss_ibot)
     grad_norm: torch.Tensor  # total pre-clip gradient norm of the student
     applied: bool  # False when the step was skipped for non-finite gradients
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # health telemetry, when asked for
@@ -33,7 +33,7 @@ class TrainModules:
     student: nn.Module  # possibly DDP-wrapped
     student_plain: nn.Module  # the same student without DDP, for parameter walks
     teacher: nn.Module
-    dino_loss: DINOLoss
+    objective: Objective
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
 
@@ -51,92 +51,57 @@ class TrainModules:
 def _forward(
     m: TrainModules,
     crops: list[torch.Tensor],
+    masks: torch.Tensor | None,
     teacher_temp: float,
-    precision: str,
-    device: torch.device,
-    with_features: bool,
-) -> tuple[DinoLossTerms, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """One micro-batch: (loss terms, student logits, teacher logits, student and teacher features)."""
-    with autocast(precision, device):
+    s: StepSettings,
+) -> tuple[LossTerms, CropOutputs, CropOutputs]:
+    """One micro-batch: (loss terms, student outputs, teacher outputs)."""
+    patches = m.objective.uses_patches
+    with autocast(s.precision, s.device):
         with torch.no_grad():
-            teacher_out = m.teacher(crops[:2], return_features=with_features)  # global crops only
-        student_out = m.student(crops, return_features=with_features)
-    s_feats = t_feats = None
-    if with_features:
-        (teacher_out, t_feats), (student_out, s_feats) = teacher_out, student_out
+            teacher = m.teacher(crops[:2], patches=patches, outputs=True)  # global crops, never masked
+        student = m.student(crops, masks=masks, patches=patches, outputs=True)
     # The loss runs outside autocast: its softmaxes and sums over 65k prototypes need fp32.
-    return m.dino_loss(student_out, teacher_out, teacher_temp), student_out, teacher_out, s_feats, t_feats
+    return m.objective(student, teacher, masks, teacher_temp), student, teacher
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What stays the same for every step of a run."""
+
+    precision: str
+    device: torch.device
+    clip_grad: float = 0.0  # per-parameter norm limit; 0 disables
+    freeze_last_layer: int = 0  # epochs during which the prototypes get no update
+    accumulation_steps: int = 1
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None  # None: a single process
 
 
 def train_step(
     m: TrainModules,
+    settings: StepSettings,
     crops: list[torch.Tensor],
     values: StepValues,
     epoch: int,
-    *,
-    precision: str,
-    device: torch.device,
-    clip_grad: float,
-    freeze_last_layer: int,
-    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
     with_metrics: bool = False,
-    accumulation_steps: int = 1,
+    masks: torch.Tensor | None = None,
 ) -> StepOutput:
-    """One optimizer step on crops [g1, g2, l1, ..., lN], each (B, 3, H, W) on ``device``.
+    """One optimizer step on crops [g1, g2, l1, ..., lN], each (B, 3, H, W) on the settings' device.
 
     With ``accumulation_steps`` = n the batch runs as n micro-batches of B / n whose gradients add up to
     the whole batch's (each micro loss is a mean, so it is scaled by 1 / n); the center and the teacher
     are updated once, after the optimizer step, from all micro-batches, exactly as one big batch would.
     ``with_metrics`` adds the health telemetry (on logging steps only: a few softmaxes over prototypes).
+    ``masks`` (2B, N) bool: iBOT's masked patches of the two global crops, when its loss is on.
     """
     apply_step_values(m.optimizer, values.lr, values.weight_decay)
     m.optimizer.zero_grad(set_to_none=True)
-    batch = crops[0].shape[0]
-    if batch % accumulation_steps:
-        raise ValueError(f"batch {batch} is not divisible into {accumulation_steps} micro-batches")
-    micro = batch // accumulation_steps
-    teacher_outs, totals, gg, gl = [], [], [], []
-    metrics: dict[str, torch.Tensor] = {}
-    for i in range(accumulation_steps):
-        part = [c[i * micro : (i + 1) * micro] for c in crops] if accumulation_steps > 1 else crops
-        last = i == accumulation_steps - 1
-        # DDP all-reduces gradients on the last micro-batch only.
-        sync = contextlib.nullcontext() if last or not hasattr(m.student, "no_sync") else m.student.no_sync()
-        with sync:
-            terms, student_out, teacher_out, s_feats, t_feats = _forward(
-                m, part, values.teacher_temp, precision, device, with_metrics and last
-            )
-            loss = terms.total / accumulation_steps
-            (m.scaler.scale(loss) if m.scaler is not None else loss).backward()
-        teacher_outs.append(teacher_out)
-        totals.append(terms.total.detach())
-        gg.append(terms.global_global.detach())
-        gl.append(terms.global_local.detach())
-        if with_metrics and last:
-            metrics = dino_metrics(
-                student_out.detach(),
-                teacher_out,
-                m.dino_loss.center,
-                values.teacher_temp,
-                m.dino_loss.student_temp,
-            )
-            metrics["student_feature_std"] = feature_std(s_feats.detach())
-            metrics["teacher_feature_std"] = feature_std(t_feats)
-
-    if m.scaler is not None:
-        m.scaler.unscale_(m.optimizer)
-    norms = clip_gradients(m.trainable, clip_grad)
-    grad_norm = norms.norm() if norms is not None else torch.zeros((), device=device)
+    passes = _micro_batches(m, settings, crops, values, with_metrics, masks)
+    norms, grad_norm, finite = _clip_and_check(m, settings, epoch)
     if with_metrics and norms is not None and len(norms) == len(m.backbone_mask):
         mask = m.backbone_mask.to(norms.device)
-        metrics["grad_norm_backbone"] = norms[mask].norm()
-        metrics["grad_norm_head"] = norms[~mask].norm()
-    # Gradients are already averaged over ranks here, so every rank takes the same decision (a rank
-    # deciding alone on its own loss could skip a collective the others enter). A non-finite loss makes
-    # non-finite gradients, so it is caught here too. One host sync per step.
-    finite = bool(torch.isfinite(grad_norm))
-    cancel_last_layer_grads(m.student_plain, epoch, freeze_last_layer)
-
+        passes.metrics["grad_norm_backbone"] = norms[mask].norm()
+        passes.metrics["grad_norm_head"] = norms[~mask].norm()
     if m.scaler is not None:
         m.scaler.step(m.optimizer)  # skips by itself on inf/nan and lowers the scale
         m.scaler.update()
@@ -144,13 +109,77 @@ def train_step(
         m.optimizer.step()
     if finite:
         ema_update_(m.teacher_params, m.student_params, values.momentum)
-        m.dino_loss.update_center(torch.cat(teacher_outs), all_reduce_sum)
+        m.objective.update(passes.teachers)
     mean = lambda xs: torch.stack(xs).mean()  # noqa: E731
     return StepOutput(
-        loss=mean(totals),
-        loss_global_global=mean(gg),
-        loss_global_local=mean(gl),
+        loss=mean(passes.totals),
+        parts={k: mean(v) for k, v in passes.parts.items()},
         grad_norm=grad_norm.detach(),
         applied=finite,
-        metrics=metrics,
+        metrics=passes.metrics,
     )
+
+
+@dataclass
+class _Passes:
+    """What the forward and backward passes of one step's micro-batches leave for the update."""
+
+    teachers: list[CropOutputs] = field(default_factory=list)
+    totals: list[torch.Tensor] = field(default_factory=list)
+    parts: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _micro_batches(
+    m: TrainModules,
+    s: StepSettings,
+    crops: list[torch.Tensor],
+    values: StepValues,
+    with_metrics: bool,
+    masks: torch.Tensor | None,
+) -> _Passes:
+    batch, n = crops[0].shape[0], s.accumulation_steps
+    if batch % n:
+        raise ValueError(f"batch {batch} is not divisible into {n} micro-batches")
+    micro = batch // n
+    out = _Passes()
+    for i in range(n):
+        part = [c[i * micro : (i + 1) * micro] for c in crops] if n > 1 else crops
+        last = i == n - 1
+        # DDP all-reduces gradients on the last micro-batch only.
+        sync = contextlib.nullcontext() if last or not hasattr(m.student, "no_sync") else m.student.no_sync()
+        with sync:
+            terms, student, teacher = _forward(m, part, masks, values.teacher_temp, s)
+            loss = terms.total / n
+            (m.scaler.scale(loss) if m.scaler is not None else loss).backward()
+        out.teachers.append(CropOutputs(teacher.logits, teacher.features, teacher.patch_logits))
+        out.totals.append(terms.total.detach())
+        for k, v in terms.parts.items():
+            out.parts.setdefault(k, []).append(v.detach())
+        if with_metrics and last:
+            out.metrics = _health(m, student, teacher, values.teacher_temp)
+    return out
+
+
+def _health(m: TrainModules, student: CropOutputs, teacher: CropOutputs, teacher_temp: float) -> dict:
+    d = m.objective.dino
+    metrics = dino_metrics(student.logits.detach(), teacher.logits, d.center, teacher_temp, d.student_temp)
+    metrics["student_feature_std"] = feature_std(student.features.detach())
+    metrics["teacher_feature_std"] = feature_std(teacher.features)
+    return metrics
+
+
+def _clip_and_check(
+    m: TrainModules, s: StepSettings, epoch: int
+) -> tuple[torch.Tensor | None, torch.Tensor, bool]:
+    """Unscale, clip per parameter, freeze the prototypes; (norms, total norm, whether finite)."""
+    if m.scaler is not None:
+        m.scaler.unscale_(m.optimizer)
+    norms = clip_gradients(m.trainable, s.clip_grad)
+    grad_norm = norms.norm() if norms is not None else torch.zeros((), device=s.device)
+    # Gradients are already averaged over ranks here, so every rank takes the same decision (a rank
+    # deciding alone on its own loss could skip a collective the others enter). A non-finite loss makes
+    # non-finite gradients, so it is caught here too. One host sync per step.
+    finite = bool(torch.isfinite(grad_norm))
+    cancel_last_layer_grads(m.student_plain, epoch, s.freeze_last_layer)
+    return norms, grad_norm, finite

@@ -1,0 +1,132 @@
+"""Which backbone a state dict belongs to, read from its keys and shapes: the release's ViTs (any depth,
+patch, position grid, registers), its ResNets and XCiTs. Our checkpoints record the timm name and kwargs
+(``checkpoint["backbone"]``) and need none of this; backbone-only files and the release's files do."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+
+from dino_train.models.backbone import ARCH_DIMS, BackboneSpec, backbone_spec
+from dino_train.runtime.files import CheckpointError
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+_LAYER = re.compile(r"^layer(\d)\.(\d+)\.")
+_XCIT_SIZES = {128: "nano", 192: "tiny", 384: "small", 512: "medium", 768: "large"}
+# ResNet blocks per stage -> name, for basic (2-conv) and bottleneck (3-conv) blocks.
+_RESNETS = {
+    (False, (2, 2, 2, 2)): "resnet18",
+    (False, (3, 4, 6, 3)): "resnet34",
+    (True, (3, 4, 6, 3)): "resnet50",
+    (True, (3, 4, 23, 3)): "resnet101",
+    (True, (3, 8, 36, 3)): "resnet152",
+}
+Weights = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Inferred:
+    """A backbone read from weights: how to build it, and its shape for the user."""
+
+    spec: BackboneSpec
+    family: str  # "vit", "resnet", "xcit" or "recorded"
+    arch: str  # release name (vit_small) or timm name
+    depth: int
+    patch_size: int | None = None
+    img_size: int | None = None  # pixels covered by a ViT's position grid
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        if self.family != "vit":
+            return f"{self.arch} ({self.depth} blocks)" if self.depth else self.arch
+        grid = (self.img_size or 0) // (self.patch_size or 1)
+        return (
+            f"{self.arch}/{self.patch_size} ({self.depth} blocks, "
+            f"{self.patch_size}x{self.patch_size} patches, {grid}x{grid} position grid = {self.img_size} px)"
+        )
+
+
+def _count(sd: Weights, pattern: re.Pattern) -> int:
+    return 1 + max((int(m.group(1)) for k in sd if (m := pattern.match(k))), default=-1)
+
+
+def infer_vit(sd: Weights, path: Path | str) -> Inferred:
+    """A release-style ViT: arch from the width, depth from the blocks, patch and grid from the shapes."""
+    dim = int(sd["cls_token"].shape[-1])
+    depth = _count(sd, _BLOCK)
+    patch = int(sd["patch_embed.proj.weight"].shape[-1])
+    registers = int(sd["reg_token"].shape[1]) if "reg_token" in sd else 0
+    n = int(sd["pos_embed"].shape[1])
+    # The release's grid has a position for the CLS token first; register models (dinov2) have none.
+    no_embed_class = math.isqrt(n - 1) ** 2 != n - 1
+    grid = math.isqrt(n if no_embed_class else n - 1)
+    if grid * grid != (n if no_embed_class else n - 1):
+        raise CheckpointError(f"{path}: pos_embed has {n} positions, not a square grid (plus CLS)")
+    arch = next((a for a, (d, _, _) in ARCH_DIMS.items() if d == dim), None)
+    if arch is None:
+        known = ", ".join(f"{a} ({d})" for a, (d, _, _) in ARCH_DIMS.items())
+        raise CheckpointError(f"{path}: ViT embed dim {dim} matches no known arch ({known}); pass --arch")
+    kwargs: dict[str, Any] = {}
+    if depth != ARCH_DIMS[arch][1]:
+        kwargs["depth"] = depth
+    if registers:
+        kwargs["reg_tokens"] = registers
+    if no_embed_class:
+        kwargs["no_embed_class"] = True
+    if "blocks.0.ls1.gamma" in sd:  # layer scale (dinov2); the value is the file's
+        kwargs["init_values"] = 1e-5
+    spec = backbone_spec(arch, patch, grid * patch, kwargs)
+    return Inferred(spec, "vit", arch, depth, patch, grid * patch, kwargs)
+
+
+def infer_resnet(sd: Weights) -> Inferred | None:
+    stages = tuple(_count({k: v for k, v in sd.items() if k.startswith(f"layer{i}.")},
+                          re.compile(rf"^layer{i}\.(\d+)\.")) for i in range(1, 5))  # fmt: skip
+    name = _RESNETS.get(("layer1.0.conv3.weight" in sd, stages))
+    if name is None:
+        return None
+    return Inferred(BackboneSpec(name), "resnet", name, sum(stages))
+
+
+def infer_xcit(sd: Weights) -> Inferred | None:
+    dim = int(sd["cls_token"].shape[-1])
+    convs = sum(1 for k in sd if re.match(r"^patch_embed\.proj\.\d+\.0\.weight$", k))
+    patch = 2**convs
+    name = f"xcit_{_XCIT_SIZES.get(dim, '?')}_{_count(sd, _BLOCK)}_p{patch}_224"
+    if not timm.is_model(name):
+        return None
+    return Inferred(BackboneSpec(name), "xcit", name, _count(sd, _BLOCK), patch)
+
+
+def infer_backbone(sd: Weights, path: Path | str) -> Inferred:
+    """The backbone these (prefix-free) weights fit, or a CheckpointError saying how to name it."""
+    if any(k.startswith("cls_attn_blocks.") for k in sd) and "cls_token" in sd:
+        found = infer_xcit(sd)
+    elif all(k in sd for k in ("cls_token", "pos_embed", "patch_embed.proj.weight")):
+        return infer_vit(sd, path)
+    elif "conv1.weight" in sd and "layer1.0.conv1.weight" in sd:
+        found = infer_resnet(sd)
+    else:
+        found = None
+    if found is None:
+        shown = ", ".join(list(sd)[:8]) + (", ..." if len(sd) > 8 else "")
+        raise CheckpointError(
+            f"{path}: cannot tell which backbone these weights are (keys: {shown}). Pass --arch with the "
+            "timm model name; a linear classifier or head file is not a backbone."
+        )
+    return found
+
+
+def from_recorded(recorded: Any) -> Inferred | None:
+    """The backbone our checkpoints record (``{"timm_name", "kwargs"}``), or None."""
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("timm_name"), str):
+        return None
+    spec = BackboneSpec(recorded["timm_name"], dict(recorded.get("kwargs") or {}))
+    patch, img = spec.kwargs.get("patch_size"), spec.kwargs.get("img_size")
+    return Inferred(spec, "recorded", spec.timm_name, 0, patch, img)
