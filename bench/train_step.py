@@ -32,6 +32,7 @@ import torch
 
 from bench.flops import count_flops
 from bench.memory import measure_step_memory
+from bench.step_table import add_comparisons, print_table
 from dino_train.config import load_config
 from dino_train.core.schedules import StepValues
 from dino_train.runtime.device import pick_device
@@ -204,23 +205,6 @@ def run_isolated(argv: list[str], combo: tuple[str, str, str, str], peaks: dict[
         return json.loads(out.read_text())["rows"][0]
 
 
-def add_comparisons(rows: list[dict]) -> None:
-    """``mem_vs_explicit``: step peak over the same row with explicit attention; ``speedup_vs_ref``: the
-    release-equivalent row's step time (fp32, explicit, eager, no checkpointing) over this row's."""
-
-    def key(r: dict, **changes) -> tuple:
-        d = {**r, **changes}
-        return (d["recipe"], d["arch"], d["batch"], d["crops"], d["precision"], d["compile"],
-                d["attention"], d["checkpointing"])  # fmt: skip
-
-    by_key = {key(r): r for r in rows}
-    for r in rows:
-        explicit = by_key.get(key(r, attention="explicit", checkpointing=False))
-        ref = by_key.get(key(r, precision="fp32", compile=False, attention="explicit", checkpointing=False))
-        r["mem_vs_explicit"] = r["step_peak_mib"] / explicit["step_peak_mib"] if explicit else None
-        r["speedup_vs_ref"] = ref["step_s"] / r["step_s"] if ref else None
-
-
 def profile_step(step, device: torch.device, top: int) -> None:
     """Where one step's time goes, by operator (self time), to see what dominates it."""
     from torch.profiler import ProfilerActivity, profile
@@ -232,28 +216,6 @@ def profile_step(step, device: torch.device, top: int) -> None:
             torch.cuda.synchronize()
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=top), flush=True)
-
-
-def _fmt(v: float | None, spec: str, width: int) -> str:
-    return f"{'-':>{width}}" if v is None else f"{v:>{width}{spec}}"
-
-
-def print_table(rows: list[dict]) -> None:
-    head = (
-        f"{'arch':<14}{'prec':<6}{'compile':<8}{'attention':<10}{'ckpt':<6}{'batch':>6}  {'crops':<14}"
-        f"{'step s':>8}{'data s':>8}{'img/s':>8}{'GFLOP/s':>9}{'peak':>8}{'MFU':>6}{'MiB':>7}{'step MiB':>9}"
-        f"{'mem x':>7}{'vs ref':>7}"
-    )
-    print(head)
-    for r in rows:
-        print(
-            f"{r['arch']:<14}{r['precision']:<6}{str(r['compile']):<8}{r['attention']:<10}"
-            f"{str(r['checkpointing']):<6}{r['batch']:>6}  {r['crops']:<14}"
-            f"{r['step_s']:>8.3f}{r['data_s']:>8.3f}"
-            f"{r['images_per_s']:>8.1f}{r['achieved_gflops']:>9.1f}{r['peak_gflops']:>8.0f}{r['mfu']:>6.0%}"
-            f"{r['peak_mib']:>7.0f}{r['step_peak_mib']:>9.0f}"
-            f"{_fmt(r.get('mem_vs_explicit'), '.2f', 7)}{_fmt(r.get('speedup_vs_ref'), '.2f', 7)}"
-        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from eval.knn import faiss_topk, knn_classify, knn_vote
+from eval.defaults import KNN_TEMPERATURE
+from eval.knn import knn_classify, knn_scores
 from eval.linear_train import train_probe_in_memory
 
 ArrayLike = Tensor | np.ndarray | Sequence[Any]
@@ -43,7 +43,7 @@ def knn_predict(
     train_labels: ArrayLike,
     test_features: ArrayLike,
     k: int = 20,
-    temperature: float = 0.07,
+    temperature: float = KNN_TEMPERATURE,
     num_classes: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Weighted k-NN labels of ``test_features`` (M, D) given ``train_features`` (N, D) and their labels (N,).
@@ -56,8 +56,7 @@ def knn_predict(
     test = _features(test_features, "test_features")
     labels = _labels(train_labels, len(train), "train_labels")
     c = _num_classes(num_classes, labels)
-    sims, idx = faiss_topk(F.normalize(train, dim=1), F.normalize(test, dim=1), k)
-    scores = knn_vote(sims, labels[idx], c, temperature)
+    scores = knn_scores(train, labels, test, k, c, temperature)
     # topk, not argmax, so ties break as in knn_classify's accuracy.
     return scores.topk(1, dim=1).indices[:, 0], scores
 
@@ -68,7 +67,7 @@ def knn_accuracy(
     test_features: ArrayLike,
     test_labels: ArrayLike,
     k: int = 20,
-    temperature: float = 0.07,
+    temperature: float = KNN_TEMPERATURE,
     num_classes: int | None = None,
 ) -> float:
     """Top-1 accuracy in percent of :func:`knn_predict` against ``test_labels`` (M,), as ``eval_knn``."""

@@ -40,6 +40,7 @@ class Inferred:
     depth: int
     patch_size: int | None = None
     img_size: int | None = None  # pixels covered by a ViT's position grid
+    embed_dim: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> str:
@@ -47,7 +48,7 @@ class Inferred:
             return f"{self.arch} ({self.depth} blocks)" if self.depth else self.arch
         grid = (self.img_size or 0) // (self.patch_size or 1)
         return (
-            f"{self.arch}/{self.patch_size} ({self.depth} blocks, "
+            f"{self.arch}/{self.patch_size} (embed dim {self.embed_dim}, {self.depth} blocks, "
             f"{self.patch_size}x{self.patch_size} patches, {grid}x{grid} position grid = {self.img_size} px)"
         )
 
@@ -63,11 +64,14 @@ def infer_vit(sd: Weights, path: Path | str) -> Inferred:
     patch = int(sd["patch_embed.proj.weight"].shape[-1])
     registers = int(sd["reg_token"].shape[1]) if "reg_token" in sd else 0
     n = int(sd["pos_embed"].shape[1])
-    # The release's grid has a position for the CLS token first; register models (dinov2) have none.
-    no_embed_class = math.isqrt(n - 1) ** 2 != n - 1
-    grid = math.isqrt(n if no_embed_class else n - 1)
-    if grid * grid != (n if no_embed_class else n - 1):
-        raise CheckpointError(f"{path}: pos_embed has {n} positions, not a square grid (plus CLS)")
+    # timm's ViT (as the release's) has positions for the prefix tokens (CLS, registers) first; dinov2's
+    # register models have positions for the patches only (no_embed_class).
+    patches = n - 1 - registers
+    no_embed_class = math.isqrt(patches) ** 2 != patches
+    patches = n if no_embed_class else patches
+    grid = math.isqrt(patches)
+    if grid * grid != patches:
+        raise CheckpointError(f"{path}: pos_embed has {n} positions, not a square grid (plus prefix tokens)")
     arch = next((a for a, (d, _, _) in ARCH_DIMS.items() if d == dim), None)
     if arch is None:
         known = ", ".join(f"{a} ({d})" for a, (d, _, _) in ARCH_DIMS.items())
@@ -82,7 +86,7 @@ def infer_vit(sd: Weights, path: Path | str) -> Inferred:
     if "blocks.0.ls1.gamma" in sd:  # layer scale (dinov2); the value is the file's
         kwargs["init_values"] = 1e-5
     spec = backbone_spec(arch, patch, grid * patch, kwargs)
-    return Inferred(spec, "vit", arch, depth, patch, grid * patch, kwargs)
+    return Inferred(spec, "vit", arch, depth, patch, grid * patch, dim, kwargs)
 
 
 def infer_resnet(sd: Weights) -> Inferred | None:

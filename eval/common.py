@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from torch import nn
 from dino_train.data import DataError, ImageDataset
 from dino_train.runtime.device import pick_device
 from dino_train.runtime.distributed import DistEnv, detect_env, init_distributed
+from dino_train.runtime.files import atomic_write_text
 
 
 def add_backbone_args(parser: argparse.ArgumentParser) -> None:
@@ -120,9 +120,7 @@ def print_table(headers: list[str], rows: list[list[Any]]) -> str:
 def write_json(path: Path, obj: Any) -> None:
     """Write through a temporary file so a reader never sees half a result."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def write_scalars(output_dir: Path, points: list[tuple[str, float, int]]) -> None:

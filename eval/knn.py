@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from eval.defaults import KNN_KS, KNN_TEMPERATURE
+
 # faiss's GPU brute-force search has a hard limit on k (faiss issues #1384, #2103).
 FAISS_GPU_MAX_K = 2048
 
@@ -88,7 +90,7 @@ def faiss_topk(
 
 
 def knn_vote(
-    sims: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int, temperature: float = 0.07
+    sims: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int, temperature: float = KNN_TEMPERATURE
 ) -> torch.Tensor:
     """Class scores (M, num_classes): score[c] = sum over neighbours j with label c of exp(sims[j] / T).
 
@@ -116,8 +118,8 @@ def knn_classify(
     test_feats: torch.Tensor,
     test_labels: torch.Tensor,
     num_classes: int,
-    ks: Sequence[int] = (10, 20, 100, 200),
-    temperature: float = 0.07,
+    ks: Sequence[int] = KNN_KS,
+    temperature: float = KNN_TEMPERATURE,
     use_gpu: bool | None = None,
 ) -> dict[int, tuple[float, float]]:
     """Weighted k-NN accuracy: {k: (top-1 %, top-5 %)} for each requested k.
@@ -153,3 +155,20 @@ def knn_classify(
         scores = knn_vote(sims[:, :kk], neighbour_labels[:, :kk], num_classes, temperature)
         results[k] = _topk_accuracy(scores, test_labels, maxk)
     return results
+
+
+def knn_scores(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    k: int,
+    num_classes: int,
+    temperature: float = KNN_TEMPERATURE,
+    use_gpu: bool | None = None,
+) -> torch.Tensor:
+    """Class scores (M, num_classes) of the weighted vote of each test feature's k nearest training
+    features (cosine similarity, as ``knn_classify``); k above N is capped at N with a warning."""
+    sims, idx = faiss_topk(
+        F.normalize(train_feats.float(), dim=1), F.normalize(test_feats.float(), dim=1), k, use_gpu
+    )
+    return knn_vote(sims, train_labels.cpu().long()[idx], num_classes, temperature)

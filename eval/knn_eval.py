@@ -32,6 +32,7 @@ from eval.common import (
     write_json,
     write_scalars,
 )
+from eval.defaults import KNN_KS, KNN_TEMPERATURE
 from eval.features import extract_features
 from eval.knn import knn_classify
 
@@ -62,8 +63,8 @@ def evaluate_knn(
     backbone: nn.Module,
     train_root: str | Path,
     val_root: str | Path,
-    ks: Sequence[int] = (10, 20, 100, 200),
-    temperature: float = 0.07,
+    ks: Sequence[int] = KNN_KS,
+    temperature: float = KNN_TEMPERATURE,
     batch_size: int = 64,
     num_workers: int = 0,
     resize: int = 256,
@@ -99,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_backbone_args(p)
     p.add_argument("--data", help="folder with train/ and val/ class folders")
-    p.add_argument("--ks", type=int, nargs="+", default=[10, 20, 100, 200])
-    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--ks", type=int, nargs="+", default=list(KNN_KS))
+    p.add_argument("--temperature", type=float, default=KNN_TEMPERATURE)
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--num-workers", type=int, default=4)
     p.add_argument("--resize", type=int, default=256)

@@ -96,11 +96,26 @@ def select_state_dict(obj: Any, checkpoint_key: str, path: Path) -> tuple[dict[s
 
 
 def clean_keys(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Strip ``module.`` then ``backbone.`` from key starts and drop ``head.*`` (the DINO projection head,
-    or a classifier): returns the backbone weights and the dropped keys."""
-    sd = strip_prefix(strip_prefix(sd, "module."), "backbone.")
-    dropped = sorted(k for k in sd if k.startswith("head."))
-    return {k: v for k, v in sd.items() if not k.startswith("head.")}, dropped
+    """The backbone's weights and the keys dropped: ``module.`` is stripped from key starts; when keys
+    carry the wrapper's ``backbone.`` prefix, only those are kept (stripped), and the rest (the DINO head,
+    an iBOT patch head, the mask token) are dropped. Without it every key is kept (a backbone-only file;
+    a classifier there is dropped once the model is known, by ``_drop_classifier``)."""
+    sd = strip_prefix(sd, "module.")
+    if not any(k.startswith("backbone.") for k in sd):
+        return sd, []
+    kept = {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}
+    return kept, sorted(k for k in sd if not k.startswith("backbone."))
+
+
+def _drop_classifier(
+    model: nn.Module, sd: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Keys of a classifier the model does not have (timm names it ``head``, ``fc``, ``head.fc``, ...;
+    it was removed with num_classes=0): dropped, and returned."""
+    classifier = str(getattr(model, "pretrained_cfg", {}).get("classifier") or "head")
+    expected = model.state_dict()
+    extra = sorted(k for k in sd if k not in expected and k.startswith((classifier + ".", "head.", "fc.")))
+    return {k: v for k, v in sd.items() if k not in extra}, extra
 
 
 def state_dict_diff(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
@@ -199,6 +214,8 @@ def load_backbone(
         model = build_from_spec(spec)
     except Exception as err:  # an unknown timm name or kwargs recorded by another timm version
         raise CheckpointError(f"{path}: cannot build {spec.timm_name} {spec.kwargs}: {err}") from err
+    sd, classifier = _drop_classifier(model, sd)
+    dropped = sorted(dropped + classifier)
     if inferred is not None and inferred.family == "xcit":
         from timm.models.xcit import checkpoint_filter_fn  # the release's XCiT key layout -> timm's
 
@@ -236,11 +253,7 @@ def _load_timm(
     if not timm.is_model(name):
         raise CheckpointError(f"timm has no model {name!r}")
     model = build_from_spec(backbone_spec(name))
-    # timm names each model's classifier ("head", "fc", "head.fc", ...); it was removed (num_classes=0).
-    classifier = str(getattr(model, "pretrained_cfg", {}).get("classifier") or "head") + "."
-    expected = model.state_dict()
-    extra = sorted(k for k in sd if k.startswith(classifier) and k not in expected)
-    sd = {k: v for k, v in sd.items() if k not in extra}
+    sd, extra = _drop_classifier(model, sd)
     report = _load_weights(model, sd, strict, wpath)
     info: dict[str, Any] = {
         "source": "timm",

@@ -9,7 +9,8 @@ are kept large and near the centre so a 40%-area crop still shows the class.
 
 Layout written by :func:`generate_embedded_dataset`::
 
-    root/train/<class>/<i:05d>.png, root/val/<class>/<i:05d>.png, root/manifest.json
+    root/train/<class>/<i:05d>.png, root/val/<class>/<i:05d>.png, root/manifest.json,
+    root/val_masks/<shape class>/<i:05d>.png (the object mask of each val image of a shape class)
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: val_masks/ holds the object masks of the shape classes' val images
 EMBEDDED_CLASSES: tuple[str, ...] = (
     "circle", "square", "triangle", "star", "cross", "ring", "hexagon", "stripes", "checkerboard", "dots",
 )  # fmt: skip
@@ -102,6 +103,8 @@ def _texture_mask(name: str, rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 _TEXTURES = frozenset({"stripes", "checkerboard", "dots"})
+SHAPE_CLASSES = tuple(c for c in EMBEDDED_CLASSES if c not in _TEXTURES)  # the classes with an object
+MASKS = "val_masks"  # root/val_masks/<shape class>/<i>.png: each val image's object mask (255 inside)
 
 
 def _colour_field(
@@ -119,6 +122,12 @@ def _colour_field(
 
 def render_image(class_name: str, rng: np.random.Generator, image_size: int) -> Image.Image:
     """Render one RGB image (image_size x image_size) of ``class_name`` using only ``rng`` for randomness."""
+    return render(class_name, rng, image_size)[0]
+
+
+def render(class_name: str, rng: np.random.Generator, image_size: int) -> tuple[Image.Image, np.ndarray]:
+    """The image of ``render_image`` and its object mask (image_size, image_size) bool: the shape's pixels
+    (more than half covered), or the texture's foreground."""
     # Foreground and background are multi-coloured fields on opposite sides of a luminance gap (which one is
     # the brighter is random), so the shape survives grayscale and colour jitter but colour says nothing.
     dark, bright = (20.0, 110.0), (110.0 + _MIN_LUMA_GAP, 240.0)
@@ -132,7 +141,8 @@ def render_image(class_name: str, rng: np.random.Generator, image_size: int) -> 
     alpha = np.asarray(big.resize((image_size, image_size), Image.BOX), dtype=np.float64)[..., None] / 255.0
     pixels = background * (1.0 - alpha) + fg * alpha
     pixels += rng.normal(0.0, 6.0, size=pixels.shape)  # sensor-like noise so no region is perfectly flat
-    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
+    image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
+    return image, alpha[..., 0] > 0.5
 
 
 def _manifest(image_size: int, train_per_class: int, val_per_class: int, seed: int) -> dict:
@@ -149,9 +159,11 @@ def _manifest(image_size: int, train_per_class: int, val_per_class: int, seed: i
 
 def _expected_files(root: Path, manifest: dict) -> list[Path]:
     counts = {"train": manifest["train_per_class"], "val": manifest["val_per_class"]}
-    return [
+    images = [
         root / s / c / f"{i:05d}.png" for s in _SPLITS for c in EMBEDDED_CLASSES for i in range(counts[s])
     ]
+    masks = [root / MASKS / c / f"{i:05d}.png" for c in SHAPE_CLASSES for i in range(counts["val"])]
+    return images + masks
 
 
 def _read_manifest(root: Path) -> dict | None:
@@ -204,7 +216,13 @@ def generate_embedded_dataset(
                 folder.mkdir(parents=True)
                 for i in range(count):
                     rng = np.random.default_rng([seed, split_idx, class_idx, i])
-                    render_image(name, rng, image_size).save(folder / f"{i:05d}.png", format="PNG")
+                    image, mask = render(name, rng, image_size)
+                    image.save(folder / f"{i:05d}.png", format="PNG")
+                    if split == "val" and name in SHAPE_CLASSES:
+                        (tmp / MASKS / name).mkdir(parents=True, exist_ok=True)
+                        Image.fromarray(mask.astype(np.uint8) * 255, "L").save(
+                            tmp / MASKS / name / f"{i:05d}.png"
+                        )
         # The manifest goes in last: its presence is what marks the data set complete.
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         _swap_into_place(tmp, root, manifest)

@@ -225,7 +225,8 @@ class Run:
             log_now = (
                 state.step + 1
             ) % cfg.train.log_every_steps == 0 or state.step + 1 == state.plan.total_steps
-            result = train_step(state.mods, self.settings, crops, values, epoch, log_now)
+            masks = self._masks(crops[0]) if state.mods.objective.uses_patches else None
+            result = train_step(state.mods, self.settings, crops, values, epoch, log_now, masks)
             epoch_done = state.advance()
             ev = StepEvent(
                 state,

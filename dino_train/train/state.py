@@ -14,9 +14,8 @@ from dino_train.core.schedules import Schedules
 from dino_train.models import model_spec
 from dino_train.runtime.distributed import DistEnv
 from dino_train.runtime.files import CheckpointError, strip_prefix, with_prefix
+from dino_train.train.checkpoint import FORMAT_VERSION
 from dino_train.train.step import TrainModules
-
-FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,79 @@
+"""``eval_attention``: how well a checkpoint's CLS attention segments objects, as in the DINO paper.
+
+    eval_attention --checkpoint runs/demo/checkpoint.pth --images data/embedded/val \\
+        --masks data/embedded/val_masks --output-dir runs/attention
+
+Each image under ``--images`` that has a mask under ``--masks`` at the same relative path (any image
+extension; nonzero pixels are the object) is resized (``--image-size``, short side; 0 keeps it), its
+last block's CLS attention thresholded to the fewest patches holding ``--threshold`` of the mass (per
+head and for the head mean), and the Jaccard index with the object mask computed per image; the
+averages are printed and written to ``attention_jaccard.json`` with a figure of a few images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dino_train.runtime.device import DeviceError, pick_device
+from dino_train.runtime.files import CheckpointError
+from eval.attention import unwrap_vit
+from eval.attention_jaccard import folder_jaccard, paired_files
+from eval.common import add_backbone_args, backbone_from_args, print_table, write_json
+
+RESULTS_FILE = "attention_jaccard.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="eval_attention", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_backbone_args(p)
+    p.add_argument("--images", required=True, type=Path, help="a folder of images (searched recursively)")
+    p.add_argument("--masks", required=True, type=Path, help="object masks, same relative paths as images")
+    p.add_argument("--image-size", type=int, default=0, help="short side in pixels (default 0: as stored)")
+    p.add_argument("--threshold", type=float, default=0.6, help="attention mass the masks keep (default 0.6)")
+    p.add_argument("--output-dir", type=Path, help=f"write {RESULTS_FILE} and attention_jaccard.png here")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        for name, folder in (("--images", args.images), ("--masks", args.masks)):
+            if not folder.is_dir():
+                raise ValueError(f"{name} {folder} is not a folder")
+        model, info = backbone_from_args(args)
+        model = unwrap_vit(model).to(pick_device(args.device))
+        result = folder_jaccard(model, args.images, args.masks, args.image_size or None, args.threshold)
+    except (CheckpointError, DeviceError, ValueError, TypeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"attention Jaccard on {result.images} images (threshold {args.threshold:g}), {info['arch']}")
+    rows = [["mean of heads", result.mean]] + [[f"head {i}", j] for i, j in enumerate(result.per_head)]
+    print_table(["mask from", "Jaccard %"], rows)
+    if args.output_dir:
+        write_json(args.output_dir / RESULTS_FILE, {
+            **result.as_dict(), "threshold": args.threshold, "image_size": args.image_size,
+            "images_dir": str(args.images), "masks_dir": str(args.masks),
+            "backbone": {k: v for k, v in info.items() if not k.endswith("_keys")},
+        })  # fmt: skip
+        _figure(model, args)
+        print(f"results in {args.output_dir / RESULTS_FILE}")
+    return 0
+
+
+def _figure(model, args: argparse.Namespace) -> None:
+    from eval.visualize import write_attention_grid
+
+    images = [img for img, _ in paired_files(args.images, args.masks)]
+    step = max(len(images) // 4, 1)
+    out = args.output_dir / "attention_jaccard.png"
+    write_attention_grid(model.cpu(), images[::step][:4], out, args.image_size or None, args.threshold)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
