@@ -131,6 +131,8 @@ def from_recorded(recorded: Any) -> Inferred | None:
     """The backbone our checkpoints record (``{"timm_name", "kwargs"}``), or None."""
     if not isinstance(recorded, dict) or not isinstance(recorded.get("timm_name"), str):
         return None
-    spec = BackboneSpec(recorded["timm_name"], dict(recorded.get("kwargs") or {}))
+    spec = BackboneSpec(
+        recorded["timm_name"], dict(recorded.get("kwargs") or {}), recorded.get("pos_embed", "release")
+    )
     patch, img = spec.kwargs.get("patch_size"), spec.kwargs.get("img_size")
     return Inferred(spec, "recorded", spec.timm_name, 0, patch, img)

@@ -99,7 +99,7 @@ def clean_keys(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], li
     """The backbone's weights and the keys dropped: ``module.`` is stripped from key starts; when keys
     carry the wrapper's ``backbone.`` prefix, only those are kept (stripped), and the rest (the DINO head,
     an iBOT patch head, the mask token) are dropped. Without it every key is kept (a backbone-only file;
-    a classifier there is dropped once the model is known, by ``_drop_classifier``)."""
+    a classifier there is dropped once the model is known, by ``drop_classifier``)."""
     sd = strip_prefix(sd, "module.")
     if not any(k.startswith("backbone.") for k in sd):
         return sd, []
@@ -107,7 +107,7 @@ def clean_keys(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], li
     return kept, sorted(k for k in sd if not k.startswith("backbone."))
 
 
-def _drop_classifier(
+def drop_classifier(
     model: nn.Module, sd: dict[str, torch.Tensor]
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Keys of a classifier the model does not have (timm names it ``head``, ``fc``, ``head.fc``, ...;
@@ -214,7 +214,7 @@ def load_backbone(
         model = build_from_spec(spec)
     except Exception as err:  # an unknown timm name or kwargs recorded by another timm version
         raise CheckpointError(f"{path}: cannot build {spec.timm_name} {spec.kwargs}: {err}") from err
-    sd, classifier = _drop_classifier(model, sd)
+    sd, classifier = drop_classifier(model, sd)
     dropped = sorted(dropped + classifier)
     if inferred is not None and inferred.family == "xcit":
         from timm.models.xcit import checkpoint_filter_fn  # the release's XCiT key layout -> timm's
@@ -253,7 +253,7 @@ def _load_timm(
     if not timm.is_model(name):
         raise CheckpointError(f"timm has no model {name!r}")
     model = build_from_spec(backbone_spec(name))
-    sd, extra = _drop_classifier(model, sd)
+    sd, extra = drop_classifier(model, sd)
     report = _load_weights(model, sd, strict, wpath)
     info: dict[str, Any] = {
         "source": "timm",

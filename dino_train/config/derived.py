@@ -45,7 +45,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("ibot.loss_weight: iBOT is not supported with train.accumulation_steps > 1 yet")
     if m.arch in RELEASE_ARCHS:  # a timm model's patch size is known once it is built (models.backbone)
         for key, size in (
-            ("model.img_size", m.img_size),
+            ("model.img_size", position_grid_size(cfg)),
             ("data.global_crops_size", d.global_crops_size),
             ("data.local_crops_size", d.local_crops_size),
         ):
@@ -82,9 +82,12 @@ def plan_run(cfg: Config, world_size: int, steps_per_epoch: int) -> RunPlan:
     return RunPlan(world_size, steps_per_epoch, batch, scaled_lr(cfg.optim.lr, batch, 1), total)
 
 
+RELEASE_GRID_PX = 224  # the release's ViTs: 14 x 14 positions at patch 16, 28 x 28 at patch 8
+
+
 def position_grid_size(cfg: Config) -> int:
-    """Pixels covered by the position-embedding grid: model.img_size, else the global crop size."""
-    return cfg.model.img_size or cfg.data.global_crops_size
+    """Pixels covered by the position-embedding grid: model.img_size, else the release's 224."""
+    return cfg.model.img_size or RELEASE_GRID_PX
 
 
 def knn_sizes(cfg: Config) -> tuple[int, int]:

@@ -32,10 +32,19 @@ class ModelConfig:
     timm_kwargs: dict[str, Any] = setting({})
     # Register tokens (Darcet et al. 2023): extra learnable tokens that keep the attention maps clean.
     num_registers: int = setting(0, at_least(0))  # ViTs only
-    # Position-embedding grid size in pixels; 0 means data.global_crops_size.
+    # Position-embedding grid size in pixels; 0 means the release's 224 (14 x 14 at patch 16), whatever
+    # the crop sizes, so that checkpoints load into the release's code.
     img_size: int = setting(0, at_least(0))
+    # How a ViT resizes its position grid for other input sizes: "release" (bicubic, scale factor
+    # (grid + 0.1) / old grid, no antialiasing: the release's and dinov2's rule) or "timm" (antialiased).
+    pos_embed_interpolation: Literal["release", "timm"] = "release"
     drop_path_rate: float = setting(0.1, in_range(0, 1, hi_open=True))  # student only
     out_dim: int = setting(65536, positive)
+    # Start student and teacher from existing weights (not a resume: the run starts at step 0): a release
+    # backbone or full checkpoint, our checkpoint.pth or teacher_backbone.pth, a timm .pth/.safetensors.
+    init_weights: str = ""
+    init_head: bool = True  # also take the DINO head from the file when it has one that fits
+    init_strict: bool = True  # every backbone weight must match; false loads what fits and reports it
     norm_last_layer: bool = True
     use_bn_in_head: bool = False
     head_nlayers: int = setting(3, at_least(1))

@@ -16,6 +16,8 @@ import timm
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from dino_train.models.pos_embed import use_rule
+
 # embed dim, depth, heads: the original release's vit_tiny / vit_small / vit_base.
 ARCH_DIMS: dict[str, tuple[int, int, int]] = {
     "vit_tiny": (192, 12, 3),
@@ -37,9 +39,10 @@ class BackboneSpec:
 
     timm_name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+    pos_embed: str = "release"  # how a ViT resizes its position grid (dino_train.models.pos_embed)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"timm_name": self.timm_name, "kwargs": dict(self.kwargs)}
+        return {"timm_name": self.timm_name, "kwargs": dict(self.kwargs), "pos_embed": self.pos_embed}
 
 
 def is_known_arch(arch: str) -> bool:
@@ -55,19 +58,22 @@ def backbone_spec(
     patch_size: int = 16,
     img_size: int = 224,
     timm_kwargs: dict[str, Any] | None = None,
+    pos_embed: str = "release",
 ) -> BackboneSpec:
     """The timm name and kwargs for ``arch``: a release name (with ``patch_size``) or a timm name.
-    ``img_size`` sets a ViT's position grid (img_size / patch per side); other input sizes interpolate it."""
+    ``img_size`` sets a ViT's position grid (img_size / patch per side); other input sizes interpolate it
+    by the ``pos_embed`` rule."""
     extra = dict(timm_kwargs or {})
     if arch in ARCH_DIMS:
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
-        return BackboneSpec(f"{arch}_patch16_224", {"patch_size": patch_size, "img_size": img_size, **extra})
+        kwargs = {"patch_size": patch_size, "img_size": img_size, **extra}
+        return BackboneSpec(f"{arch}_patch16_224", kwargs, pos_embed)
     if not timm.is_model(arch):
         raise ValueError(f"unknown arch {arch!r}: not one of {', '.join(ARCH_DIMS)} nor a timm model name")
     if is_vit_name(arch):
         extra = {"img_size": img_size, **extra}
-    return BackboneSpec(arch, extra)
+    return BackboneSpec(arch, extra, pos_embed)
 
 
 def build_from_spec(spec: BackboneSpec, drop_path_rate: float = 0.0) -> nn.Module:
@@ -78,7 +84,7 @@ def build_from_spec(spec: BackboneSpec, drop_path_rate: float = 0.0) -> nn.Modul
         kwargs["drop_path_rate"] = drop_path_rate
     if is_vit_name(spec.timm_name):
         kwargs.setdefault("dynamic_img_size", True)
-    model = timm.create_model(spec.timm_name, **kwargs)
+    model = use_rule(timm.create_model(spec.timm_name, **kwargs), spec.pos_embed)
     if isinstance(model, VisionTransformer) and spec.timm_name.endswith("_patch16_224"):
         # The release initialises the class token like the position embedding (timm uses std 1e-6).
         nn.init.trunc_normal_(model.cls_token, std=0.02)

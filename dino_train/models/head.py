@@ -21,8 +21,10 @@ class WeightNormLinear(nn.Module):
         v = torch.empty(out_features, in_features)
         # Same init as the release: nn.Linear's default for v, then g = 1 (unit-norm prototypes).
         nn.init.kaiming_uniform_(v, a=math.sqrt(5))
-        self.weight_v = nn.Parameter(v)
+        # g before v, the order torch's weight_norm registers them in (so the release's optimizer states
+        # line up with ours parameter for parameter).
         self.weight_g = nn.Parameter(torch.ones(out_features, 1))
+        self.weight_v = nn.Parameter(v)
 
     @property
     def weight(self) -> torch.Tensor:

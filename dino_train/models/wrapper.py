@@ -111,7 +111,7 @@ def model_spec(m: ModelConfig, img_size: int) -> BackboneSpec:
     kwargs = dict(m.timm_kwargs)
     if m.num_registers:
         kwargs["reg_tokens"] = m.num_registers
-    return backbone_spec(m.arch, m.patch_size, img_size, kwargs)
+    return backbone_spec(m.arch, m.patch_size, img_size, kwargs, m.pos_embed_interpolation)
 
 
 def build_student_teacher(

@@ -17,6 +17,7 @@ from dino_train.models.backbone import check_crop_size
 from dino_train.runtime import distributed as D
 from dino_train.runtime.distributed import DistEnv
 from dino_train.runtime.precision import make_scaler
+from dino_train.train.init_weights import init_from_file
 from dino_train.train.objective import Objective
 from dino_train.train.optim import build_optimizer
 from dino_train.train.step import TrainModules
@@ -53,9 +54,15 @@ def _set_attention(model: nn.Module, mode: str, device: torch.device) -> None:
 
 
 def build_modules(cfg: Config, env: DistEnv, device: torch.device, precision: str) -> TrainModules:
+    """Student (DDP-wrapped with several processes), teacher, objective, optimizer and scaler; the
+    ``init_note`` of the result says what ``model.init_weights`` loaded."""
+    note = ""
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     m, t = cfg.model, cfg.train
     student, teacher = build_student_teacher(m, position_grid_size(cfg), cfg.ibot)
+    if m.init_weights:
+        note = init_from_file(student, m.init_weights, m.init_strict, m.init_head)
+        teacher.load_state_dict(student.state_dict())  # the teacher starts equal to the student
     for key, size in (
         ("data.global_crops_size", cfg.data.global_crops_size),
         ("data.local_crops_size", cfg.data.local_crops_size),
@@ -84,7 +91,7 @@ def build_modules(cfg: Config, env: DistEnv, device: torch.device, precision: st
         wrapped = DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None
         )
-    return TrainModules(
+    mods = TrainModules(
         student=wrapped,
         student_plain=student,
         teacher=teacher,
@@ -92,6 +99,8 @@ def build_modules(cfg: Config, env: DistEnv, device: torch.device, precision: st
         optimizer=build_optimizer(student, cfg.optim.optimizer),
         scaler=make_scaler(precision, device),
     )
+    mods.init_note = note
+    return mods
 
 
 def build_run_schedules(cfg: Config, plan: RunPlan) -> Schedules:

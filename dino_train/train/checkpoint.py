@@ -25,7 +25,7 @@ from dino_train.runtime.safe_load import load_verified
 
 LATEST = "checkpoint.pth"
 BACKBONE_EXPORT = "teacher_backbone.pth"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the head's last layer is weight_g, weight_v (the release's order)
 _NUMBERED = re.compile(r"^checkpoint-step(\d{8})\.pth$")
 REQUIRED_KEYS = ("student", "teacher", "optimizer", "epoch", "dino_loss")
 

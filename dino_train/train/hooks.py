@@ -192,8 +192,9 @@ class Checkpoints(BaseHook):
             self.save(ev.state)
 
     def after_epoch(self, state: TrainState, epoch: int) -> None:
+        # Named by the epoch just finished, 0-based, every saveckp_freq epochs from 0: the release's names.
         freq = self.cfg.train.saveckp_freq
-        self.save(state, epoch + 1 if freq and (epoch + 1) % freq == 0 else None)
+        self.save(state, epoch if freq and epoch % freq == 0 else None)
 
 
 @dataclass

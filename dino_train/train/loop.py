@@ -165,6 +165,10 @@ class Run:
             f"{plan.images_per_epoch} images/epoch, {plan.steps_per_epoch} steps/epoch, "
             f"{cfg.train.epochs} epochs -> {self.out}"
         )
+        init = self.state.mods.init_note
+        if init and not self.notes:  # a resumed run continues from its checkpoint, not from the file
+            monitor.message(init)
+            monitor.record("init", self.state.step, {"message": init, "file": cfg.model.init_weights})
         for line in ([f"train.precision {self.ctx.precision}: {note}"] if note else []) + self.notes:
             monitor.message(line)
         return monitor

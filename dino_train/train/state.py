@@ -11,7 +11,7 @@ import torch
 
 from dino_train.config import Config, RunPlan, position_grid_size, to_dict
 from dino_train.core.schedules import Schedules
-from dino_train.models import model_spec
+from dino_train.models import WeightNormLinear, model_spec
 from dino_train.runtime.distributed import DistEnv
 from dino_train.runtime.files import CheckpointError, strip_prefix, with_prefix
 from dino_train.train.checkpoint import FORMAT_VERSION
@@ -86,7 +86,7 @@ def restore(mods: TrainModules, ckpt: dict[str, Any], path: Path) -> None:
         mods.objective.dino.load_state_dict(ckpt["dino_loss"])
         if mods.objective.uses_patches:
             mods.objective.patch.load_state_dict(ckpt["ibot_loss"])
-        mods.optimizer.load_state_dict(ckpt["optimizer"])
+        mods.optimizer.load_state_dict(_upgrade_optimizer(ckpt, mods))
     except (RuntimeError, ValueError, KeyError) as err:
         raise CheckpointError(
             f"{path} does not fit the model of this config (another architecture or out_dim?): {err}\n"
@@ -94,6 +94,21 @@ def restore(mods: TrainModules, ckpt: dict[str, Any], path: Path) -> None:
         ) from err
     if mods.scaler is not None and "fp16_scaler" in ckpt:
         mods.scaler.load_state_dict(ckpt["fp16_scaler"])
+
+
+def _upgrade_optimizer(ckpt: dict[str, Any], mods: TrainModules) -> dict[str, Any]:
+    """Format 1 held the last layer as weight_v, weight_g; optimizer states are kept by position, so a
+    trainable pair (norm_last_layer false) gets its two states swapped into the current order."""
+    opt = ckpt["optimizer"]
+    if ckpt.get("format_version", FORMAT_VERSION) >= 2:
+        return opt
+    position = {id(p): i for i, p in enumerate(p for g in mods.optimizer.param_groups for p in g["params"])}
+    state = dict(opt["state"])
+    for module in mods.student_plain.modules():
+        if isinstance(module, WeightNormLinear) and module.weight_g.requires_grad:
+            g, v = position[id(module.weight_g)], position[id(module.weight_v)]
+            state[g], state[v] = opt["state"].get(v), opt["state"].get(g)
+    return {**opt, "state": {k: s for k, s in state.items() if s is not None}}
 
 
 def resume(state: TrainState, ckpt: dict[str, Any], path: Path) -> list[str]:

@@ -36,6 +36,7 @@ class TrainModules:
     objective: Objective
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
+    init_note: str = ""  # what model.init_weights loaded, for the run's log
 
     def __post_init__(self) -> None:
         # Fixed lists, built once: the EMA and clipping walk them every step.

@@ -1,0 +1,75 @@
+"""dino-export round trips: transformers' ViTModel, onnxruntime and timm load what it writes and give the
+backbone's own features; a demo-shaped checkpoint loads into the release's ViT layout strictly."""
+
+import json
+
+import pytest
+import timm
+import torch
+
+from dino_train.models import build_backbone
+from eval.export import main as export_main
+from eval.loading import load_backbone
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def vit_file(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vit") / "teacher_backbone.pth"
+    model = build_backbone("vit_tiny", patch_size=16, img_size=64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # not the init: every weight must be carried over
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def _ours(path, x):
+    model, _ = load_backbone(path)
+    with torch.no_grad():
+        return model.forward_features(x)
+
+
+def test_hf_export_loads_in_transformers_with_the_same_outputs(vit_file, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    assert export_main(["--checkpoint", str(vit_file), "--format", "hf", "--output", str(tmp_path)]) == 0
+    hf = transformers.ViTModel.from_pretrained(tmp_path, add_pooling_layer=False).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        got = hf(pixel_values=x).last_hidden_state
+    torch.testing.assert_close(got, _ours(vit_file, x), atol=1e-5, rtol=1e-5)  # CLS and patch tokens
+    assert json.loads((tmp_path / "export.json").read_text())["format"] == "hf"
+
+
+def test_onnx_export_has_a_dynamic_batch_and_matches_torch(vit_file, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    out = tmp_path / "onnx"
+    assert export_main(["--checkpoint", str(vit_file), "--format", "onnx", "--output", str(out),
+                        "--image-size", "64"]) == 0  # fmt: skip
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    model, _ = load_backbone(vit_file)
+    for batch in (1, 5):
+        x = torch.randn(batch, 3, 64, 64)
+        got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+        with torch.no_grad():
+            torch.testing.assert_close(got, model(x), atol=1e-4, rtol=1e-4)
+    assert json.loads((out / "export.json").read_text())["onnxruntime_max_abs_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["timm", "safetensors"])
+def test_timm_and_safetensors_exports_load_in_timm(vit_file, tmp_path, fmt):
+    assert export_main(["--checkpoint", str(vit_file), "--format", fmt, "--output", str(tmp_path)]) == 0
+    kwargs = {"patch_size": 16, "img_size": 64}
+    if fmt == "timm":
+        cfg = json.loads((tmp_path / "timm_config.json").read_text())
+        assert cfg["timm_name"] == "vit_tiny_patch16_224"
+        kwargs = cfg["kwargs"]
+    overlay = {"file": str(tmp_path / "model.safetensors")}
+    name = "vit_tiny_patch16_224"
+    model = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay=overlay, **kwargs)
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), _ours(vit_file, x))
