@@ -15,6 +15,8 @@ from dino_train.train import train
 from launch.demo import compare_to_random
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow
+
 STEPS = 310
 
 

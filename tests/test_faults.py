@@ -19,6 +19,8 @@ from dino_train.runtime.files import CheckpointError
 from dino_train.train import NonFiniteError, train
 from tests.conftest import REPO, tiny_overrides
 
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 

@@ -143,6 +143,7 @@ def healthy_run(tiny_data, tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_healthy_run_logs_metrics_knn_and_no_warning(healthy_run):
     out, result = healthy_run
     assert result.warnings == []
@@ -165,6 +166,7 @@ def test_healthy_run_logs_metrics_knn_and_no_warning(healthy_run):
     assert [r["epoch"] for r in knn] == [0, 1, 2] and all(0 <= r["knn_top1_k5"] <= 100 for r in knn)
 
 
+@pytest.mark.slow
 def test_tensorboard_serves_the_scalars(healthy_run):
     out, _ = healthy_run
     port = free_port()
@@ -220,6 +222,7 @@ def test_tensorboard_serves_the_scalars(healthy_run):
         tb.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_report_from_a_real_run(healthy_run, capsys):
     out, _ = healthy_run
     assert report_main([str(out)]) == 0
@@ -259,6 +262,7 @@ def test_detector_fires_on_constructed_outputs_through_the_metrics():
     assert [w for s in range(5, 15) for w in d.check(flat, s)] == []
 
 
+@pytest.mark.slow
 def test_a_run_whose_teacher_goes_uniform_warns(tiny_data, tmp_path):
     # A teacher temperature of 10 flattens the centred teacher output (logits within [-1, 1]) to uniform.
     result = train(

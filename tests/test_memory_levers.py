@@ -13,6 +13,8 @@ from dino_train.runtime.distributed import DistEnv
 from dino_train.train.build import build_modules
 from dino_train.train.step import StepSettings, train_step
 
+pytestmark = pytest.mark.slow
+
 VALUES = StepValues(lr=1e-3, weight_decay=0.04, momentum=0.9, teacher_temp=0.04)
 
 

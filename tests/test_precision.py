@@ -58,6 +58,7 @@ def _broadcast_rank(rank: int, port: int, results) -> None:
         D.cleanup()
 
 
+@pytest.mark.dist
 def test_broadcast_from_main_gives_every_rank_rank_0s_value() -> None:
     # What train() relies on when ranks measured different speeds: both train in rank 0's precision.
     results = mp.Manager().dict()

@@ -21,6 +21,8 @@ from launch.slurm_resources import SlurmResources
 from tests.conftest import tiny_overrides
 from tests.slurm_cluster import LocalSlurm, SlurmUnavailable, start_cluster
 
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+
 
 @pytest.fixture(scope="session")
 def slurm() -> LocalSlurm:

@@ -13,6 +13,8 @@ from dino_train.runtime.distributed import free_port
 from dino_train.train import train
 from tests.conftest import REPO, tiny_overrides
 
+pytestmark = pytest.mark.slow
+
 
 def run(data, out, *extra):
     return train(load_config(None, tiny_overrides(data, out, *extra)))

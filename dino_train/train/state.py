@@ -88,9 +88,15 @@ def restore(mods: TrainModules, ckpt: dict[str, Any], path: Path) -> None:
             mods.objective.patch.load_state_dict(ckpt["ibot_loss"])
         mods.optimizer.load_state_dict(_upgrade_optimizer(ckpt, mods))
     except (RuntimeError, ValueError, KeyError) as err:
+        hint = ""
+        if "pos_embed" in str(err) and ckpt.get("format_version", 1) < 2:
+            hint = (
+                " This checkpoint predates the 224 px position grid (format 2): its grid covers the global "
+                "crop size, so resume it with model.img_size=<data.global_crops_size>."
+            )
         raise CheckpointError(
             f"{path} does not fit the model of this config (another architecture or out_dim?): {err}\n"
-            "Nothing was overwritten; point train.output_dir elsewhere or fix the config."
+            f"Nothing was overwritten; point train.output_dir elsewhere or fix the config.{hint}"
         ) from err
     if mods.scaler is not None and "fp16_scaler" in ckpt:
         mods.scaler.load_state_dict(ckpt["fp16_scaler"])
