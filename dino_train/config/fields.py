@@ -9,11 +9,11 @@ from collections.abc import Callable
 from dataclasses import field
 from typing import Any
 
+from dino_train.runtime.errors import ConfigError
+
+__all__ = ["ConfigError"]
+
 Rule = Callable[[Any], str | None]  # returns what is wrong with a value, or None
-
-
-class ConfigError(ValueError):
-    """A config key or value that cannot be used; the message names the key."""
 
 
 def setting(default: Any, *rules: Rule) -> Any:

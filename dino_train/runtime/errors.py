@@ -18,3 +18,7 @@ class UnsafeCheckpointError(CheckpointError):
     def __init__(self, message: str, global_name: str):
         super().__init__(message)
         self.global_name = global_name
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used; the message names the key."""

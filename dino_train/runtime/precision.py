@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from dino_train.config import ConfigError
+from dino_train.runtime.errors import ConfigError
 
 # On the CPU, `auto` takes bf16 only when it multiplies matrices at least this much faster than fp32. CPUs
 # that list bf16 instructions differ: on one machine of ours bf16 ran 2.4x fp32, on another, listing AVX-512
