@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -39,6 +40,8 @@ def run_one(args: argparse.Namespace, name: str, overrides: list[str]) -> dict:
     from eval.scorecard import score_backbone
 
     out = Path(args.out) / name
+    if out.exists():  # a recipe's folder holds only its latest run (logs would otherwise mix)
+        shutil.rmtree(out)
     cmd = [sys.executable, "dino_train/main.py", "--config", str(args.config)]
     cmd += [f"data.path={Path(args.data) / 'train'}", f"train.output_dir={out}", "train.resume=false"]
     cmd += ["train.progress_bar=false", *overrides]

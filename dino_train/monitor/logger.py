@@ -49,7 +49,9 @@ class Monitor:
         from torch.utils.tensorboard import SummaryWriter  # imported here: slow, and rank 0 only
 
         self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
-        self.log_file = open(out / "log.jsonl", "a", buffering=1)  # noqa: SIM115 - lives as long as the run
+        # A run from step 0 starts its log afresh (train.resume=false over an old run); a resumed one appends.
+        mode = "a" if initial_step else "w"
+        self.log_file = open(out / "log.jsonl", mode, buffering=1)  # noqa: SIM115 - lives as long as the run
         if use_progress_bar(progress_bar):
             self.bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
 

@@ -59,6 +59,15 @@ class TrainResult:
     stopped_by: str | None = None  # the signal's name when a stop request ended the run early
     warnings: list[str] = field(default_factory=list)  # health warnings raised during the run
 
+    def __repr__(self) -> str:
+        # Short: the models are in .teacher and .student; printing them whole buries the result.
+        loss = "-" if self.last_loss is None else f"{self.last_loss:.4f}"
+        stop = f", stopped_by={self.stopped_by}" if self.stopped_by else ""
+        return (
+            f"TrainResult(output_dir={str(self.output_dir)!r}, step={self.step}, epoch={self.epoch}, "
+            f"last_loss={loss}, warnings={len(self.warnings)}{stop})"
+        )
+
 
 def _context(cfg: Config) -> tuple[RunContext, str]:
     """This process's place in the launch, its device and precision (with why ``auto`` chose it)."""
