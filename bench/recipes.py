@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="keep rows of --json and skip their recipes")
     p.add_argument("--no-random", action="store_true", help="skip the random-init floor")
     args = p.parse_args(argv)
-    recipes = [(r.split("=", 1)[0], r.split("=", 1)[1].split() if "=" in r else []) for r in args.recipe]
+    # shlex: an override may hold spaces when quoted, e.g. 'model.timm_kwargs="{depth: 6}"'.
+    recipes = [(r.split("=", 1)[0], shlex.split(r.split("=", 1)[1]) if "=" in r else []) for r in args.recipe]
     if not recipes:
         p.error('give at least one --recipe NAME="overrides"')
     rows = json.loads(args.json.read_text()) if args.resume and args.json.is_file() else []

@@ -21,6 +21,13 @@ from eval import defaults as eval_defaults
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 
 
+def _kwarg_names(kwargs: dict) -> str | None:
+    bad = [k for k in kwargs if not k.isidentifier()]
+    return (
+        None if not bad else f"{bad} are not keyword names (YAML needs a space after the colon: {{depth: 6}})"
+    )
+
+
 @dataclass
 class ModelConfig:
     # The release's vit_tiny / vit_small / vit_base (with patch_size), or any timm model name
@@ -29,7 +36,7 @@ class ModelConfig:
     patch_size: int = setting(16, positive)  # the release's ViTs only; a timm name carries its own
     # Extra keyword arguments for timm.create_model (e.g. {depth: 6} for a shallower ViT); recorded in
     # checkpoints so evaluation builds the same model.
-    timm_kwargs: dict[str, Any] = setting({})
+    timm_kwargs: dict[str, Any] = setting({}, _kwarg_names)
     # Register tokens (Darcet et al. 2023): extra learnable tokens that keep the attention maps clean.
     num_registers: int = setting(0, at_least(0))  # ViTs only
     # Position-embedding grid size in pixels; 0 means the release's 224 (14 x 14 at patch 16), whatever
