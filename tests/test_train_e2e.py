@@ -70,15 +70,14 @@ def test_run_outputs_and_checkpoint_layout(tiny_data, tmp_path):
 
 
 def test_frozen_last_layer_does_not_move_in_first_epoch(tiny_data, tmp_path):
-    from dino_train.config import ModelConfig
     from dino_train.models import build_student_teacher
+    from dino_train.train.build import position_grid_size
 
-    res = run(tiny_data, tmp_path / "r", "train.max_steps=3", "model.norm_last_layer=false")
-    torch.manual_seed(0)  # the run's seed: the same initial weights
-    m = ModelConfig(
-        "vit_tiny", 8, out_dim=64, norm_last_layer=False, head_hidden_dim=32, head_bottleneck_dim=16
-    )
-    s, _ = build_student_teacher(m, 32)
+    extra = ("train.max_steps=3", "model.norm_last_layer=false")
+    res = run(tiny_data, tmp_path / "r", *extra)
+    cfg = load_config(None, tiny_overrides(tiny_data, tmp_path / "r", *extra))
+    torch.manual_seed(cfg.train.seed)  # the run's seed and shapes: the same initial weights
+    s, _ = build_student_teacher(cfg.model, position_grid_size(cfg), cfg.ibot)
     for name in ("weight_v", "weight_g"):
         assert torch.equal(getattr(s.head.last_layer, name), getattr(res.student.head.last_layer, name))
     assert not torch.equal(s.head.mlp[0].weight, res.student.head.mlp[0].weight)
