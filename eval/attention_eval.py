@@ -18,25 +18,32 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dino_train.runtime.device import DeviceError, pick_device
-from dino_train.runtime.files import CheckpointError
+from dino_train.runtime.files import CheckpointError, check_writable_dir
 from eval.attention import unwrap_vit
 from eval.attention_jaccard import folder_jaccard, paired_files
-from eval.common import add_backbone_args, backbone_from_args, print_table, write_json
+from eval.cli import HelpFormatter
+from eval.common import (
+    add_backbone_args,
+    backbone_from_args,
+    backbone_record,
+    print_table,
+    settings_record,
+    write_json,
+)
 
 RESULTS_FILE = "attention_jaccard.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="eval_attention", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(prog="eval_attention", description=__doc__, formatter_class=HelpFormatter)
     add_backbone_args(p)
     p.add_argument("--images", required=True, type=Path, help="a folder of images (searched recursively)")
     p.add_argument("--masks", required=True, type=Path, help="object masks, same relative paths as images")
     p.add_argument("--image-size", type=int, default=0, help="short side in pixels (default 0: as stored)")
     p.add_argument("--threshold", type=float, default=0.6, help="attention mass the masks keep (default 0.6)")
     p.add_argument("--output-dir", type=Path, help=f"write {RESULTS_FILE} and attention_jaccard.png here")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if seen")
+    p.add_argument("--no-progress", action="store_true", help="accepted by every tool; this one draws no bar")
     return p
 
 
@@ -46,8 +53,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, folder in (("--images", args.images), ("--masks", args.masks)):
             if not folder.is_dir():
                 raise ValueError(f"{name} {folder} is not a folder")
+        if args.output_dir:  # before any work: an unusable folder fails now, not after the evaluation
+            check_writable_dir(args.output_dir, "--output-dir")
         model, info = backbone_from_args(args)
-        model = unwrap_vit(model).to(pick_device(args.device))
+        device = pick_device(args.device)
+        model = unwrap_vit(model).to(device)
         result = folder_jaccard(model, args.images, args.masks, args.image_size or None, args.threshold)
     except (CheckpointError, DeviceError, ValueError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -59,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_json(args.output_dir / RESULTS_FILE, {
             **result.as_dict(), "threshold": args.threshold, "image_size": args.image_size,
             "images_dir": str(args.images), "masks_dir": str(args.masks),
-            "backbone": {k: v for k, v in info.items() if not k.endswith("_keys")},
+            "backbone": backbone_record(info), "settings": settings_record(args, device, 1),
         })  # fmt: skip
         _figure(model, args)
         print(f"results in {args.output_dir / RESULTS_FILE}")

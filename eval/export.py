@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from dino_train.runtime.files import CheckpointError, atomic_write_text, check_writable_dir
+from eval.cli import HelpFormatter
 from eval.common import add_backbone_args, backbone_from_args
 
 FORMATS = ("hf", "onnx", "timm", "safetensors")
@@ -139,15 +140,15 @@ def export(model: nn.Module, info: dict[str, Any], fmt: str, out: Path, image_si
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="dino-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(prog="dino-export", description=__doc__, formatter_class=HelpFormatter)
     add_backbone_args(p)
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--output", required=True, type=Path, help="folder for the exported files")
     p.add_argument("--image-size", type=int, default=224, help="onnx: the traced input size (default 224)")
+    p.add_argument("--no-progress", action="store_true", help="accepted by every tool; this one draws no bar")
     args = p.parse_args(argv)
     try:
+        check_writable_dir(args.output, "--output")  # before the checkpoint is read
         model, info = backbone_from_args(args)
         files = export(model, info, args.format, args.output, args.image_size)
     except (CheckpointError, ValueError) as err:

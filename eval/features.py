@@ -17,8 +17,15 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from dino_train.runtime.distributed import is_distributed
+from dino_train.runtime.files import CheckpointError
+from dino_train.runtime.progress import use_progress_bar
 
 FeatureFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+class NonFiniteFeaturesError(CheckpointError):
+    """A backbone gave NaN or inf features: an accuracy computed on them would mean nothing. A
+    CheckpointError because the weights are the usual cause, so the tools report it as bad input."""
 
 
 def cls_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -63,16 +70,38 @@ def extract_features(
 
     Returns feats (N, D) float32 and labels (N,) int64, both on the CPU in data set order, on every rank.
     The model runs in eval mode and gets its previous mode back afterwards (training's periodic k-NN
-    calls this mid-run); ``fn`` defaults to :func:`cls_features`.
+    calls this mid-run); ``fn`` defaults to :func:`cls_features`. ``progress``: a bar on rank 0, drawn
+    only where ``use_progress_bar`` allows (a terminal, outside Slurm). Features that are not finite
+    raise :class:`NonFiniteFeaturesError` on every rank (checked after the gather, so all ranks agree).
     """
     device = torch.device(device)
     fn = cls_features if fn is None else fn
     was_training = model.training
     model.eval()
     try:
-        return _extract(model, dataset, batch_size, num_workers, device, progress, fn)
+        feats, labels = _extract(model, dataset, batch_size, num_workers, device, progress, fn)
     finally:
         model.train(was_training)
+    check_finite(feats, model)
+    return feats, labels
+
+
+def check_finite(feats: torch.Tensor, model: nn.Module) -> None:
+    """Raise NonFiniteFeaturesError naming the model's checkpoint (``model.load_info``, set by
+    ``eval.loading.load_backbone``) when any row of ``feats`` (N, D) holds a NaN or an inf."""
+    bad = ~torch.isfinite(feats.reshape(len(feats), -1)).all(dim=1)
+    n_bad = int(bad.sum())
+    if not n_bad:
+        return
+    info = getattr(model, "load_info", None) or {}
+    who = f"the backbone from {info['path']}" if info.get("path") else f"the {type(model).__name__} model"
+    if info.get("checkpoint_key"):
+        who += f" [{info['checkpoint_key']}]"
+    first = int(bad.nonzero()[0, 0])
+    raise NonFiniteFeaturesError(
+        f"{who} gives NaN or inf features for {n_bad} of {len(feats)} images (first: image {first}); "
+        "refusing to evaluate them. Its weights may hold NaN/inf (loading warns), or the precision overflows"
+    )
 
 
 def _extract(
@@ -96,7 +125,8 @@ def _extract(
     )
     feats: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
-    bar = tqdm(loader, desc="features", unit="batch", disable=not progress or rank != 0, dynamic_ncols=True)
+    draw = progress and rank == 0 and use_progress_bar()
+    bar = tqdm(loader, desc="features", unit="batch", disable=not draw, dynamic_ncols=True)
     for batch in bar:
         images, target = _split_batch(batch)
         out = fn(model, images.to(device, non_blocking=True))

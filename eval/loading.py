@@ -16,6 +16,7 @@ does not fit is an error naming what the weights are.
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from dino_train.models.backbone import BackboneSpec, backbone_spec, build_from_s
 from dino_train.runtime.checksums import verify_sidecar
 from dino_train.runtime.files import CheckpointError, UnsafeCheckpointError, strip_prefix
 from dino_train.runtime.safe_load import load_error_reason, load_verified
-from eval.architecture import Inferred, from_recorded, infer_backbone
+from eval.architecture import Inferred, from_recorded, infer_backbone, read_spec_sidecar
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _LIST_LIMIT = 12  # keys shown per category in a mismatch report
@@ -145,15 +146,40 @@ def _load_weights(model: nn.Module, sd: dict[str, torch.Tensor], strict: bool, p
     expected = model.state_dict()
     usable = {k: v for k, v in sd.items() if k in expected and expected[k].shape == v.shape}
     result = model.load_state_dict(usable, strict=False)
-    return {"missing_keys": list(result.missing_keys), "unexpected_keys": sorted(set(sd) - set(usable))}
+    return {
+        "missing_keys": list(result.missing_keys),
+        "unexpected_keys": sorted(set(sd) - set(usable)),
+        "nonfinite_weights": warn_nonfinite(usable, path),
+    }
+
+
+def warn_nonfinite(sd: dict[str, torch.Tensor], path: Path) -> int:
+    """The number of NaN/inf values among the floating-point weights of ``sd``, with a warning naming
+    ``path``, the count and the first tensors holding them when there are any (a diverged run saves
+    such weights; every feature computed from them is NaN, which the feature extraction refuses)."""
+    counts = {
+        k: int((~torch.isfinite(v)).sum()) for k, v in sd.items() if torch.is_floating_point(v) and v.numel()
+    }
+    bad = {k: n for k, n in counts.items() if n}
+    total = sum(bad.values())
+    if total:
+        first = ", ".join(list(bad)[:3]) + (", ..." if len(bad) > 3 else "")
+        warnings.warn(
+            f"{path}: {total} of {sum(sd[k].numel() for k in counts)} weights are not finite (NaN or inf), "
+            f"in {len(bad)} tensors ({first}); features from this backbone will not be finite",
+            stacklevel=3,
+        )
+    return total
 
 
 def _spec_for(
     obj: Any, sd: dict[str, torch.Tensor], path: Path, arch: str | None, patch_size: int | None
 ) -> tuple[BackboneSpec, Inferred | None]:
-    """How to build the backbone: what our checkpoint recorded, else what the weights show, else ``arch``
-    (a timm name); a given ``arch`` or ``patch_size`` must fit the weights."""
+    """How to build the backbone: what our checkpoint (or the ``<file>.json`` beside a backbone-only file)
+    recorded, else what the weights show, else ``arch`` (a timm name); a given ``arch`` or ``patch_size``
+    must fit the weights."""
     recorded = from_recorded(obj.get("backbone")) if isinstance(obj, dict) else None
+    recorded = recorded or read_spec_sidecar(path)  # teacher_backbone.pth.json, written by training
     try:
         inferred: Inferred | None = infer_backbone(sd, path)
     except CheckpointError:
@@ -179,6 +205,7 @@ def _finish(model: nn.Module, info: dict[str, Any]) -> tuple[nn.Module, dict[str
     info.setdefault("patch_size", int(model.patch_embed.patch_size[0]) if vit else None)
     info.setdefault("img_size", int(model.patch_embed.img_size[0]) if vit else None)
     model.requires_grad_(False)
+    model.load_info = info  # lets later errors (non-finite features) name the file the model came from
     return model.eval(), info
 
 

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from dino_train.data import IMAGE_EXTENSIONS
 from dino_train.runtime.device import DeviceError, pick_device
-from dino_train.runtime.files import CheckpointError
+from dino_train.runtime.files import CheckpointError, check_writable_dir
+from dino_train.runtime.progress import use_progress_bar
 from eval.attention import (
     AttentionSummary,
     apply_mask,
@@ -36,11 +37,12 @@ from eval.attention import (
     vit_patch_size,
 )
 from eval.attention_video import VIDEO_EXTENSIONS, VisualizeError, video_frames, write_attention_video
+from eval.cli import HelpFormatter
 from eval.common import add_backbone_args, backbone_from_args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_backbone_args(p)
     p.add_argument("--input", required=True, type=Path, help="an image, a folder of images, or a video")
     p.add_argument("--video-frames", action="store_true", help="--input is a folder of video frames")
@@ -48,13 +50,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=480, help="short side in pixels; 0 keeps the size")
     p.add_argument("--threshold", type=float, default=0.6, help="share of attention mass the masks keep")
     p.add_argument("--block", type=int, default=-1, help="transformer block (-1: the last)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if seen")
     p.add_argument("--batch-size", type=int, default=8, help="video frames per forward pass")
     p.add_argument("--side-by-side", action="store_true", help="show the input beside the attention")
     p.add_argument("--apply-mask", action="store_true", help="videos: the masked frame, not the heat map")
     p.add_argument("--fps", type=float, help="output frame rate (default: the source's; 25 for frames)")
     p.add_argument(
-        "--no-progress", action="store_true", help="no progress bar (off anyway when not a terminal)"
+        "--no-progress", action="store_true", help="no progress bar (none off a terminal or under Slurm)"
     )
     args = p.parse_args(argv)
     if args.image_size < 0 or args.batch_size < 1 or not 0.0 <= args.threshold <= 1.0:
@@ -181,6 +183,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         raise VisualizeError(f"input {src} does not exist")
     if args.video_frames and not src.is_dir():
         raise VisualizeError(f"--video-frames needs a folder of frames; {src} is a file")
+    check_writable_dir(args.output, "--output")  # an unusable folder fails now, not after the model ran
     # Check the input before the (slower) checkpoint load, so a wrong path fails at once.
     is_video = src.is_file() and src.suffix.lower() in VIDEO_EXTENSIONS
     frame_paths = _images_in(src) if src.is_dir() else []
@@ -199,7 +202,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         n = write_attention_video(
             model, frames, out, args.fps or fps or 25.0, size, args.threshold, args.block, args.batch_size,
             side_by_side=args.side_by_side, apply_mask=args.apply_mask, total=total,
-            progress=not args.no_progress,
+            progress=not args.no_progress and use_progress_bar(),
         )  # fmt: skip
         print(f"wrote {out} ({n} frames)")
         return [out]

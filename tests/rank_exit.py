@@ -1,6 +1,6 @@
 """Run ``dino_train/main.py`` exactly as torchrun would, and record how it ended in
 ``$RANK_EXIT_DIR/rank<RANK>``: torchrun does not report its workers' exit statuses after it was itself
-signalled, and test_hardening needs to know that every rank exited 0."""
+signalled, and test_stop_signals needs to know that every rank exited 0."""
 
 import os
 import runpy

@@ -1,5 +1,6 @@
 """dino-export round trips: transformers' ViTModel, onnxruntime and timm load what it writes and give the
-backbone's own features; a demo-shaped checkpoint loads into the release's ViT layout strictly."""
+backbone's own features. (That a demo checkpoint loads strictly into the release's layout is
+tests/test_fidelity.py's.)"""
 
 import json
 

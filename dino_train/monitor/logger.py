@@ -6,23 +6,15 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from dino_train.runtime.progress import use_progress_bar
+
 LINE_INTERVAL_S = 10.0  # plain progress lines at most this often (and on the first and last step)
-
-
-def use_progress_bar(setting: bool | str, stream: Any = None) -> bool:
-    """A bar only on a terminal, never under Slurm (whose logs are files), and not when switched off."""
-    stream = sys.stderr if stream is None else stream
-    if setting is False:
-        return False
-    return bool(getattr(stream, "isatty", lambda: False)()) and "SLURM_JOB_ID" not in os.environ
 
 
 def _eta(seconds: float) -> str:

@@ -1,0 +1,86 @@
+"""The evaluation tools check their output folders before reading anything, and input errors end them
+with one line on stderr and exit status 2."""
+
+import pytest
+
+
+def test_eval_tools_name_an_unusable_output_dir_before_reading_anything(tmp_path, capsys):
+    """The output folder is checked first: the checkpoint named here does not exist, so a tool that read
+    it before checking would report that instead."""
+    from PIL import Image
+
+    from eval import attention_eval, export, knn_eval, linear_eval, visualize
+    from eval.common import EvalExit
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "img.png")
+    missing = ["--checkpoint", str(tmp_path / "missing.pth"), "--device", "cpu"]
+    data = ["--data", str(tmp_path / "no-data")]
+    is_file, no_dir = f"{a_file} is a file, not a folder", "cannot be created: Not a directory"
+    images = ["--images", str(tmp_path / "images"), "--masks", str(tmp_path / "images")]
+    cases = [
+        (knn_eval.main, [*missing, *data, "--output-dir", str(a_file)], f"--output-dir {is_file}"),
+        (
+            knn_eval.main,
+            [*missing, *data, "--dump-features", str(a_file / "d")],
+            f"--dump-features {a_file / 'd'} {no_dir}",
+        ),
+        (linear_eval.main, [*missing, *data, "--output-dir", str(a_file)], f"--output-dir {is_file}"),
+        (
+            attention_eval.main,
+            [*missing, *images, "--output-dir", str(a_file / "s")],
+            f"--output-dir {a_file / 's'} {no_dir}",
+        ),
+        (
+            visualize.main,
+            [*missing, "--input", str(tmp_path / "img.png"), "--output", str(a_file)],
+            f"--output {is_file}",
+        ),
+        (export.main, [*missing[:2], "--format", "hf", "--output", str(a_file)], f"--output {is_file}"),
+    ]
+    for main, argv, expected in cases:
+        try:
+            code = main(argv)
+        except EvalExit as stop:
+            code = stop.code
+        err = capsys.readouterr().err
+        assert code == 2 and err == f"error: {expected}\n", f"{main.__module__}: exit {code}, {err}"
+    assert a_file.read_text() == "x"
+
+
+def test_eval_knn_and_linear_input_errors_exit_2(tmp_path, backbone_file, capsys):
+    """Input errors of the two data-set tools: one line on stderr, exit status 2 (not Python's 1 for a
+    SystemExit message), and str() of the exit is the line, for in-process callers."""
+    from eval import knn_eval, linear_eval
+    from eval.common import EvalExit
+
+    cases = [
+        (knn_eval.main, ["--checkpoint", str(backbone_file)], "error: give --data (or --load-features DIR)"),
+        (knn_eval.main, ["--load-features", str(tmp_path)], f"error: no saved features at {tmp_path}"),
+        (
+            linear_eval.main,
+            [
+                "--checkpoint",
+                str(backbone_file),
+                "--data",
+                str(tmp_path),
+                "--output-dir",
+                str(tmp_path / "o"),
+            ],
+            f"error: {tmp_path / 'train'} is not a folder; --data needs train/ and val/",
+        ),
+        (
+            linear_eval.main,
+            ["--data", str(tmp_path), "--output-dir", str(tmp_path / "o")],
+            "error: give --checkpoint PATH",
+        ),
+    ]
+    for main, argv, start in cases:
+        with pytest.raises(EvalExit) as info:
+            main([*argv, "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and str(info.value).startswith(start), str(info.value)
+        assert err.startswith(start) and err.count("\n") == 1, err
+    # As processes, exit status 2 with the line on stderr: test_safe_loading.py::test_the_clis_refuse_it.
