@@ -14,7 +14,7 @@ its numbers are theirs. See ``examples/dino_quickstart.ipynb``.
 
 from dino.attention import AttentionMaps, attention_maps, plot_attention
 from dino.classify import LinearProbe, knn_accuracy, knn_predict, linear_probe
-from dino.features import Features, extract_features
+from dino.features import Features, extract_features, load_features
 from dino.models import best_device, load_backbone, pretrain
 from dino_train.config import ConfigError
 from dino_train.data import generate_embedded_dataset
@@ -36,6 +36,7 @@ __all__ = [
     "knn_predict",
     "linear_probe",
     "load_backbone",
+    "load_features",
     "plot_attention",
     "pretrain",
 ]

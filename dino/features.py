@@ -18,6 +18,8 @@ from torch.utils.data import Dataset
 from dino.models import model_device
 from dino_train.data import ImageDataset, eval_transform
 from dino_train.data.datasets import load_rgb, to_rgb
+from eval.defaults import resize_for
+from eval.feature_store import cls_and_patch_tokens, open_store, stream_features
 from eval.features import extract_features as extract_dataset
 
 ImagesInput = str | Path | Sequence[str | Path | Image.Image] | Tensor
@@ -30,7 +32,9 @@ class Features:
     features: Tensor  # (N, D) float32: the backbone's output, for our ViTs the final-norm CLS token
     labels: Tensor | None  # (N,) int64 indexing `classes`, for a class-folder input; else None
     classes: list[str] = field(default_factory=list)  # class names (sub-folder names), sorted
-    patch_tokens: Tensor | None = None  # (N, h*w, D) final-norm patch tokens, row-major over the grid
+    # (N, h*w, D) final-norm patch tokens, row-major over the grid: float32, or float16 memory-mapped from
+    # the folder given as `out` (or to load_features)
+    patch_tokens: Tensor | None = None
     paths: list[Path] | None = None  # the image files, for a folder or a list of paths
 
     def __len__(self) -> int:
@@ -67,13 +71,13 @@ class _Batch(Dataset):
 
 def _cls_and_patches(model: nn.Module, images: Tensor) -> Tensor:
     """(B, 3, H, W) -> (B, 1 + h*w, D): ``model(images)`` first, then the final-norm patch tokens."""
-    tokens = model.forward_features(images)  # (B, prefix + h*w, D), after the final norm
-    # forward_head on these tokens is exactly model(images): the CLS token (or the pool a model uses).
-    return torch.cat([model.forward_head(tokens)[:, None], tokens[:, model.num_prefix_tokens :]], dim=1)
+    cls, patches = cls_and_patch_tokens(model, images)
+    return torch.cat([cls[:, None], patches], dim=1)
 
 
 def _dataset(images: ImagesInput, image_size: int, resize: int | None) -> Dataset:
-    transform = eval_transform(resize=resize or round(image_size * 256 / 224), crop=image_size)
+    # The rule of every evaluation door (eval_knn --crop/--resize, training's k-NN monitor).
+    transform = eval_transform(resize=resize or resize_for(image_size), crop=image_size)
     if isinstance(images, Tensor):
         batch = images.unsqueeze(0) if images.ndim == 3 else images
         if batch.ndim != 4 or batch.shape[1] != 3:
@@ -100,17 +104,24 @@ def extract_features(
     num_workers: int = 0,
     device: torch.device | str | None = None,
     progress: bool = True,
+    out: str | Path | None = None,
 ) -> Features:
     """Features of every image, with a progress bar.
 
     ``images_or_folder``: a folder (class sub-folders give labels, as torchvision's ImageFolder; a flat
     folder of images gives none), an image file, a list of paths and/or PIL images, or a (N, 3, H, W)
-    tensor of ImageNet-normalised images, used as given. Files and PIL images are preprocessed as the
-    release's evaluation: bicubic resize of the short side to ``resize`` pixels (default
-    ``image_size * 256 / 224``), centre crop to ``image_size`` pixels, normalisation.
+    tensor of ImageNet-normalised images, used as given. Files and PIL images are preprocessed as
+    ``eval_knn --crop image_size --resize resize`` does, so the same arguments give the same features:
+    bicubic resize of the short side to ``resize`` pixels (default ``image_size * 256 / 224``, the
+    release's Resize(256) + CenterCrop(224), keeping the central 87.5% of each side), centre crop to
+    ``image_size`` pixels, normalisation. ``resize=image_size`` keeps the whole image (the demo's
+    setting on its 64 px images).
     ``patch_tokens``: also return the final-norm patch tokens (N, (image_size / patch)^2, D); a ViT only.
     ``device``: default the model's own (the model is moved to another one given here).
     ``num_workers``: image-decoding processes (0: decode in this one).
+    ``out``: with ``patch_tokens``, a folder the patch tokens are streamed to as they are computed (float16,
+    never all in memory: for large folders); ``patch_tokens`` is then memory-mapped from it, and
+    ``eval.feature_store.open_store(out)`` reopens it later.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -119,6 +130,12 @@ def extract_features(
     dataset = _dataset(images_or_folder, image_size, resize)
     device = torch.device(device) if device is not None else model_device(model)
     model.to(device)
+    if out is not None:
+        if not patch_tokens:
+            raise ValueError("out= streams the patch tokens to disk: pass patch_tokens=True")
+        args = (batch_size, num_workers, device, progress, _paths(dataset))
+        feats, labels = stream_features(model, dataset, out, *args)
+        return _result(dataset, feats, labels, open_store(out).patch_tokens)
     fn = _cls_and_patches if patch_tokens else None
     feats, labels = extract_dataset(model, dataset, batch_size, num_workers, device, progress, fn)
     patches = None
@@ -127,10 +144,27 @@ def extract_features(
         dim = model.num_features
         stacks = feats.view(len(feats), -1, dim)
         feats, patches = stacks[:, 0].contiguous(), stacks[:, 1:].contiguous()
-    classes = list(getattr(dataset, "classes", []))
-    paths = None
+    return _result(dataset, feats, labels, patches)
+
+
+def load_features(folder: str | Path) -> Features:
+    """What ``extract_features(..., patch_tokens=True, out=folder)`` wrote, memory-mapped (read on use)."""
+    store = open_store(folder)
+    labelled = bool(store.classes)
+    return Features(
+        store.features, store.labels if labelled else None, store.classes, store.patch_tokens, store.paths
+    )
+
+
+def _paths(dataset: Dataset) -> list[Path] | None:
+    """The image files in data set order, when the images came from files."""
     if isinstance(dataset, ImageDataset):
-        paths = [p for p, _ in dataset.samples]
-    elif isinstance(dataset, _ImageList) and not any(isinstance(i, Image.Image) for i in dataset.items):
-        paths = [Path(i) for i in dataset.items]
-    return Features(feats, labels if classes else None, classes, patches, paths)
+        return [p for p, _ in dataset.samples]
+    if isinstance(dataset, _ImageList) and not any(isinstance(i, Image.Image) for i in dataset.items):
+        return [Path(i) for i in dataset.items]
+    return None
+
+
+def _result(dataset: Dataset, feats: Tensor, labels: Tensor, patches: Tensor | None) -> Features:
+    classes = list(getattr(dataset, "classes", []))
+    return Features(feats, labels if classes else None, classes, patches, _paths(dataset))

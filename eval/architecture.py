@@ -1,9 +1,13 @@
 """Which backbone a state dict belongs to, read from its keys and shapes: the release's ViTs (any depth,
 patch, position grid, registers), its ResNets and XCiTs. Our checkpoints record the timm name and kwargs
-(``checkpoint["backbone"]``) and need none of this; backbone-only files and the release's files do."""
+(``checkpoint["backbone"]``) and need none of this; so does the ``<file>.json`` sidecar training writes next
+to ``teacher_backbone.pth`` (a plain state dict in the release's layout, which cannot hold the record, and
+whose non-ViT backbones the weights alone do not name). Other backbone-only files and the release's files
+are read from their weights."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -136,3 +140,38 @@ def from_recorded(recorded: Any) -> Inferred | None:
     )
     patch, img = spec.kwargs.get("patch_size"), spec.kwargs.get("img_size")
     return Inferred(spec, "recorded", spec.timm_name, 0, patch, img)
+
+
+SPEC_SIDECAR_SUFFIX = ".json"
+
+
+def spec_sidecar_path(path: str | Path) -> Path:
+    """``<file>.json``: the backbone record written beside a backbone-only weights file."""
+    path = Path(path)
+    return path.with_name(path.name + SPEC_SIDECAR_SUFFIX)
+
+
+def spec_sidecar_text(recorded: dict[str, Any]) -> str:
+    """The sidecar's contents for a ``BackboneSpec.as_dict()`` record: ``{"backbone": {...}}``."""
+    return json.dumps({"backbone": recorded}, indent=2, sort_keys=True) + "\n"
+
+
+def read_spec_sidecar(path: str | Path) -> Inferred | None:
+    """The backbone recorded in ``<path>.json``, or None when there is no such file; a sidecar that is
+    not JSON or holds no ``backbone`` record is an error naming it (a wrong guess would be worse)."""
+    side = spec_sidecar_path(path)
+    if not side.is_file():
+        return None
+    try:
+        data = json.loads(side.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(
+            f"{side}: not a readable JSON backbone record ({err}); fix or delete it"
+        ) from err
+    found = from_recorded(data.get("backbone") if isinstance(data, dict) else None)
+    if found is None:
+        raise CheckpointError(
+            f'{side}: no backbone record (expected {{"backbone": {{"timm_name": ..., "kwargs": {{...}}}}}}); '
+            "fix or delete it"
+        )
+    return found

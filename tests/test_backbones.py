@@ -10,6 +10,7 @@ import timm
 import torch
 
 from dino_train.models import NotAViTError, as_vit, build_backbone
+from dino_train.runtime.files import CheckpointError
 from eval.loading import load_backbone
 from tests.conftest import REPO, tiny_overrides
 
@@ -30,8 +31,10 @@ def test_timm_backbone_trains_and_scores_with_eval_knn(arch, sizes, tiny_data, t
     assert done.returncode == 0, done.stderr
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ckpt["step"] == 3 and ckpt["backbone"]["timm_name"] == arch
+    # The backbone-only file: its <file>.json sidecar names the backbone (a ConvNeXt's weights alone do not).
+    assert json.loads((out / "teacher_backbone.pth.json").read_text())["backbone"]["timm_name"] == arch
     knn = subprocess.run(
-        [sys.executable, "-m", "eval.knn_eval", "--checkpoint", str(out / "checkpoint.pth"), "--data",
+        [sys.executable, "-m", "eval.knn_eval", "--checkpoint", str(out / "teacher_backbone.pth"), "--data",
          str(tiny_data), "--ks", "1", "3", "--resize", "32", "--crop", "32", "--num-workers", "0",
          "--output-dir", str(tmp_path / "knn"), "--no-progress"],
         cwd=REPO, capture_output=True, text=True,
@@ -40,9 +43,14 @@ def test_timm_backbone_trains_and_scores_with_eval_knn(arch, sizes, tiny_data, t
     result = json.loads((tmp_path / "knn" / "knn_results.json").read_text())
     assert result["backbone"]["arch"] == arch and 0 <= result["results"]["1"]["top1"] <= 100
     # The teacher scored is the trained one: the eval model's weights equal the checkpoint's teacher.
-    model, _ = load_backbone(out / "checkpoint.pth")
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, ckpt["teacher"]["backbone." + key]), key
+    for path in (out / "checkpoint.pth", out / "teacher_backbone.pth"):
+        model, _ = load_backbone(path)
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, ckpt["teacher"]["backbone." + key]), key
+    (out / "teacher_backbone.pth.json").unlink()  # without it, only weights the loader can read are named
+    if arch == "convnext_atto":
+        with pytest.raises(CheckpointError, match="cannot tell which backbone"):
+            load_backbone(out / "teacher_backbone.pth")
 
 
 def test_release_resnet50_layout_loads_in_eval(tmp_path):

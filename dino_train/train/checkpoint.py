@@ -7,21 +7,32 @@ only), and ours: ``step``, ``batch_in_epoch``, ``world_size``, ``config``, ``for
 ``_checksum`` (a SHA-256 over every tensor, checked on resume and by the eval loaders: torch's zip reader
 does not check CRCs, so flipped bytes would otherwise load silently). Release files and our checkpoints from
 before checksums load unverified. ``teacher_backbone.pth`` stays a plain {name: tensor} state dict (the
-release's code loads it with ``strict=True``); its checksum is the sidecar ``teacher_backbone.pth.sha256``.
+release's code loads it with ``strict=True``); its checksum is the sidecar ``teacher_backbone.pth.sha256``
+and its backbone (timm name, kwargs, position rule) the sidecar ``teacher_backbone.pth.json``.
 """
 
 from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from dino_train.runtime.files import CheckpointError, atomic_alias, atomic_save, fsync_dir, save_failure
+from dino_train.models.backbone import BackboneSpec
+from dino_train.runtime.files import (
+    CheckpointError,
+    atomic_alias,
+    atomic_save,
+    atomic_write_text,
+    fsync_dir,
+    save_failure,
+)
 from dino_train.runtime.safe_load import load_verified
+from eval.architecture import spec_sidecar_path, spec_sidecar_text
 
 LATEST = "checkpoint.pth"
 BACKBONE_EXPORT = "teacher_backbone.pth"
@@ -99,7 +110,19 @@ class CheckpointManager:
         return None
 
 
-def export_backbone(model: nn.Module, path: str | Path) -> Path:
+def export_backbone(
+    model: nn.Module | Mapping[str, torch.Tensor], path: str | Path, spec: BackboneSpec | None = None
+) -> Path:
     """Backbone weights alone, keyed like the release's ``dino_deitsmall16_pretrain.pth``: a plain state
-    dict, so the release's ``load_state_dict(strict=True)`` takes it; checksum in ``<path>.sha256``."""
-    return atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path, sidecar=True)
+    dict, so the release's ``load_state_dict(strict=True)`` takes it; checksum in ``<path>.sha256``.
+    ``spec``: the backbone's timm name, kwargs and position rule, written to ``<path>.json`` so that eval
+    rebuilds any backbone from this file (the weights alone name the release's ViTs and ResNets only);
+    without one, a sidecar left by an earlier export is removed rather than left to describe other weights."""
+    weights = model if isinstance(model, Mapping) else model.state_dict()  # a state dict gathered by FSDP
+    path = atomic_save({k: v.detach().cpu() for k, v in weights.items()}, path, sidecar=True)
+    side = spec_sidecar_path(path)
+    if spec is None:
+        side.unlink(missing_ok=True)
+    else:
+        atomic_write_text(side, spec_sidecar_text(spec.as_dict()))
+    return path

@@ -11,8 +11,9 @@ from typing import Protocol
 
 import torch
 
-from dino_train.config import Config
+from dino_train.config import Config, position_grid_size
 from dino_train.core.schedules import StepValues
+from dino_train.models import model_spec
 from dino_train.monitor.health import CollapseDetector
 from dino_train.monitor.logger import Monitor
 from dino_train.runtime import distributed as D
@@ -184,7 +185,10 @@ class Checkpoints(BaseHook):
     def save(self, state: TrainState, keep_epoch: int | None = None) -> None:
         if self.is_main:
             self.manager.save(checkpoint_state(state, self.cfg), state.step, keep_epoch)
-            export_backbone(state.mods.teacher.backbone, Path(self.cfg.train.output_dir) / BACKBONE_EXPORT)
+            spec = model_spec(self.cfg.model, position_grid_size(self.cfg))
+            export_backbone(
+                state.mods.teacher.backbone, Path(self.cfg.train.output_dir) / BACKBONE_EXPORT, spec
+            )
 
     def after_step(self, ev: StepEvent) -> None:
         every = self.cfg.train.checkpoint_every_steps

@@ -1,0 +1,63 @@
+"""Patch tokens to disk: ``eval_knn --dump-features DIR --patch-tokens`` and
+``dino.extract_features(..., patch_tokens=True, out=DIR)`` stream them into a feature store
+(``eval.feature_store``) that holds the model's own tokens, in data set order, with the grid recorded."""
+
+import pytest
+import torch
+
+import dino
+from dino_train.data import ImageDataset, eval_transform
+from dino_train.runtime.files import CheckpointError
+from eval.feature_store import open_store
+from eval.knn_eval import FEATURES_FILE, PATCH_DIR
+from eval.knn_eval import main as knn_main
+from eval.loading import load_backbone
+
+
+def test_knn_dump_holds_each_images_patch_tokens(backbone_file, tiny_data, tmp_path, one_thread):
+    out = tmp_path / "dump"
+    argv = ["--checkpoint", str(backbone_file), "--data", str(tiny_data), "--ks", "1", "--resize", "32",
+            "--crop", "32", "--num-workers", "0", "--batch-size", "7", "--no-progress",
+            "--dump-features", str(out), "--patch-tokens"]  # fmt: skip
+    assert knn_main(argv) == 0
+    model, _ = load_backbone(backbone_file)
+    bank = torch.load(out / FEATURES_FILE, weights_only=True)
+    for split in ("train", "val"):
+        store = open_store(out / PATCH_DIR / split)
+        data = ImageDataset(tiny_data / split, eval_transform(resize=32, crop=32))
+        # ViT-Tiny/8 on 32 px crops: a 4 x 4 grid of 192-wide tokens per image, in float16.
+        assert store.patch_tokens.shape == (len(data), 16, 192) and store.patch_tokens.dtype == torch.float16
+        assert store.grid == (4, 4) and store.patch_size == 8 and store.classes == data.classes
+        assert store.paths == [p for p, _ in data.samples]
+        with torch.no_grad():
+            tokens = model.forward_features(torch.stack([data[i][0] for i in range(len(data))]))
+        torch.testing.assert_close(store.patch_tokens.float(), tokens[:, 1:], rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(store.features, bank[f"{split}_feats"])  # the CLS features k-NN scored
+        assert torch.equal(store.labels, torch.tensor([y for _, y in data.samples]))
+        assert store.patch_grid(3).shape == (4, 4, 192)
+
+
+def test_streamed_store_equals_the_in_memory_result(backbone_file, tiny_data, tmp_path, one_thread):
+    model, _ = load_backbone(backbone_file)
+    kwargs = {"patch_tokens": True, "image_size": 32, "resize": 32, "batch_size": 3, "progress": False}
+    in_memory = dino.extract_features(model, tiny_data / "val", **kwargs)
+    streamed = dino.extract_features(model, tiny_data / "val", out=tmp_path / "store", **kwargs)
+    assert torch.equal(streamed.features, in_memory.features)
+    assert torch.equal(streamed.patch_tokens, in_memory.patch_tokens.half())
+    assert torch.equal(streamed.labels, in_memory.labels) and streamed.paths == in_memory.paths
+    again = dino.load_features(tmp_path / "store")
+    assert torch.equal(again.patch_tokens, streamed.patch_tokens) and again.classes == in_memory.classes
+    with pytest.raises(ValueError, match="pass patch_tokens=True"):
+        dino.extract_features(model, tiny_data / "val", out=tmp_path / "x", image_size=32)
+    (tmp_path / "store" / "store.json").unlink()  # as an extraction that was interrupted leaves it
+    with pytest.raises(CheckpointError, match="did not finish"):
+        open_store(tmp_path / "store")
+
+
+def test_patch_tokens_need_a_dump_folder_and_a_vit(backbone_file, tiny_data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        knn_main(["--checkpoint", str(backbone_file), "--data", str(tiny_data), "--patch-tokens"])
+    assert (
+        err.value.code == 2
+        and "--patch-tokens writes into the --dump-features DIR" in capsys.readouterr().err
+    )
