@@ -86,7 +86,15 @@ class LinearProbe:
     classifier: nn.Linear  # (D -> C) on the CPU, the last epoch's weights
     accuracy: float  # top-1 percent on the test features after the last epoch
     top5: float  # top-5 percent (top-C with fewer than 5 classes)
-    history: list[dict[str, float]]  # per epoch: {"epoch", "top1", "top5"} on the test features
+    history: list[dict[str, float]]  # per epoch: {"epoch" (0-based), "top1", "top5"} on the test features
+
+    def __repr__(self) -> str:
+        # Short: the per-epoch history (100 dicts by default) is in .history, the weights in .classifier.
+        c = self.classifier
+        return (
+            f"LinearProbe(classifier=Linear({c.in_features} -> {c.out_features}), "
+            f"accuracy={self.accuracy:.2f}, top5={self.top5:.2f}, epochs={len(self.history)})"
+        )
 
     @torch.no_grad()
     def predict(self, features: ArrayLike) -> Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,80 @@ from torch import nn
 from dino_train.data import DataError, ImageDataset
 from dino_train.runtime.device import pick_device
 from dino_train.runtime.distributed import DistEnv, detect_env, init_distributed
-from dino_train.runtime.files import atomic_write_text
+from dino_train.runtime.files import CheckpointError, atomic_write_text
+from eval.cli import HelpFormatter, default_workers  # noqa: F401 - the tools import them from here
+from eval.defaults import resize_for
+
+
+class EvalExit(SystemExit):
+    """Bad input to an evaluation tool, already printed on stderr as ``error: ...``: the process exits with
+    status 2 like every other input error of the project. ``str()`` is that text, for callers that run a
+    tool's ``main`` in-process (tests, ``launch.slurm_eval``)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def input_error(err: BaseException) -> BaseException:
+    """What a tool's ``main`` raises for ``err``: an input error (CheckpointError, DataError, OutputDirError
+    or a helper's ``SystemExit("error: ...")``) is printed on stderr and becomes an :class:`EvalExit`; a
+    SystemExit carrying a status (submitit's exit after a requeue) is returned as it is."""
+    if isinstance(err, EvalExit) or (isinstance(err, SystemExit) and not isinstance(err.code, str)):
+        return err
+    text = err.code if isinstance(err, SystemExit) else f"error: {err}"
+    print(text, file=sys.stderr, flush=True)
+    return EvalExit(text)
+
+
+def add_size_args(parser: argparse.ArgumentParser, crop: int = 224) -> None:
+    """``--crop`` and ``--resize``: the one preprocessing rule of every evaluation door (CLIs, ``dino.``)."""
+    parser.add_argument("--crop", type=int, default=crop, help="centre crop side in pixels")
+    parser.add_argument(
+        "--resize",
+        type=int,
+        default=None,
+        help="short side in pixels before the crop; default: crop * 256 / 224, the release's "
+        "Resize(256) + CenterCrop(224) rule. Pass the crop size to keep the whole image (the demo does, "
+        "on 64 px images)",
+    )
+
+
+def eval_sizes(args: argparse.Namespace) -> tuple[int, int]:
+    """(resize, crop) in pixels from ``add_size_args``'s flags."""
+    return (args.resize or resize_for(args.crop)), args.crop
+
+
+def backbone_record(info: dict[str, Any]) -> dict[str, Any]:
+    """What a result file records about the backbone: ``load_backbone``'s info without the key lists,
+    and the epoch counted as the training log counts it.
+
+    A checkpoint's ``epoch`` entry (ours and the release's) is the epoch to run next, i.e. the number of
+    completed epochs; the training log and run report name an epoch by its 0-based index. So a checkpoint
+    written after 10 epochs is recorded as ``epoch`` 9 with ``epochs_completed`` 10 (None, None for a
+    backbone-only file, which does not say)."""
+    out = {k: v for k, v in info.items() if not k.endswith("_keys")}
+    done = info.get("epoch")
+    out["epochs_completed"] = done
+    out["epoch"] = done - 1 if isinstance(done, int) and done >= 1 else None
+    return out
+
+
+def settings_record(args: argparse.Namespace, device: torch.device | str, world_size: int) -> dict[str, Any]:
+    """Every flag of the run (paths as text), the device and the process count: what produced a result."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, list | tuple):
+            return [plain(x) for x in v]
+        return v if v is None or isinstance(v, bool | int | float | str) else str(v)
+
+    out = {k: plain(v) for k, v in sorted(vars(args).items())}
+    if "crop" in out and out.get("resize") is None:
+        out["resize"] = resize_for(int(out["crop"]))  # the size actually used, not the flag's None
+    return out | {"device": str(device), "world_size": world_size}
 
 
 def add_backbone_args(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +123,7 @@ def backbone_from_args(args: argparse.Namespace) -> tuple[nn.Module, dict[str, A
             args.arch, args.checkpoint_key, strict=strict, weights=weights, trust=args.trust_checkpoint
         )
     if not args.checkpoint:
-        raise SystemExit("error: give --checkpoint PATH, or --arch timm:NAME --weights FILE")
+        raise CheckpointError("give --checkpoint PATH, or --arch timm:NAME --weights FILE")
     return load_backbone(
         args.checkpoint, args.checkpoint_key, args.arch, args.patch_size, strict, trust=args.trust_checkpoint
     )

@@ -3,8 +3,11 @@
     eval_knn --checkpoint runs/dino/checkpoint.pth --data /data/imagenet --output-dir runs/knn
     torchrun --nproc_per_node=2 -m eval.knn_eval --checkpoint dino_deitsmall16_pretrain.pth --data ...
 
-Features are the final-norm CLS token after Resize(256, bicubic) + CenterCrop(224), as in the release.
+Features are the final-norm CLS token after a bicubic resize of the short side and a centre crop: by
+default CenterCrop(224) after Resize(256), the release's rule, which for another --crop C resizes to
+C * 256 / 224 (the rule of every door: eval_linear, dino.extract_features, training's k-NN monitor).
 Extraction is shared between processes under torchrun; the (cheap, faiss) classification runs on rank 0.
+knn_results.json records every setting that produced it.
 """
 
 from __future__ import annotations
@@ -20,23 +23,32 @@ from torch import nn
 
 from dino_train.data import DataError, eval_transform
 from dino_train.runtime.distributed import barrier, cleanup
-from dino_train.runtime.files import CheckpointError, atomic_save
+from dino_train.runtime.files import CheckpointError, atomic_save, check_writable_dir
 from eval.common import (
     ClassFolders,
+    HelpFormatter,
     add_backbone_args,
+    add_size_args,
     backbone_from_args,
+    backbone_record,
     class_folders,
+    default_workers,
+    eval_sizes,
+    input_error,
     print_table,
+    settings_record,
     setup_process,
     split_roots,
     write_json,
     write_scalars,
 )
-from eval.defaults import KNN_KS, KNN_TEMPERATURE
+from eval.defaults import KNN_KS, KNN_TEMPERATURE, resize_for
+from eval.feature_store import stream_features
 from eval.features import extract_features
 from eval.knn import knn_classify
 
 FEATURES_FILE = "knn_features.pth"
+PATCH_DIR = "patch_tokens"  # under --dump-features DIR: one feature store per split
 RESULTS_FILE = "knn_results.json"
 
 
@@ -47,13 +59,20 @@ def extract_bank(
     num_workers: int,
     device: torch.device | str,
     progress: bool = True,
+    patch_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Features and labels of both splits: train_feats (N, D), train_labels (N,), val_feats (M, D),
-    val_labels (M,), labels indexing ``classes`` (shared by both splits)."""
+    val_labels (M,), labels indexing ``classes`` (shared by both splits). ``patch_dir``: also stream
+    each split's patch tokens to the feature store ``patch_dir/<split>`` (``eval.feature_store``)."""
     backbone = backbone.to(device)
     bank: dict[str, Any] = {"classes": data.classes, "missing_from_train": data.missing_from_train}
     for split, ds in (("train", data.train), ("val", data.val)):
-        feats, labels = extract_features(backbone, ds, batch_size, num_workers, device, progress=progress)
+        if patch_dir is None:
+            feats, labels = extract_features(backbone, ds, batch_size, num_workers, device, progress=progress)
+        else:
+            paths = [Path(p) for p, _ in ds.samples]
+            args = (batch_size, num_workers, device, progress, paths)
+            feats, labels = stream_features(backbone, ds, patch_dir / split, *args)
         bank[f"{split}_feats"] = feats
         bank[f"{split}_labels"] = data.remap(ds, labels)
     return bank
@@ -67,12 +86,14 @@ def evaluate_knn(
     temperature: float = KNN_TEMPERATURE,
     batch_size: int = 64,
     num_workers: int = 0,
-    resize: int = 256,
+    resize: int | None = None,
     crop: int = 224,
     device: torch.device | str = "cpu",
 ) -> dict[int, tuple[float, float]]:
-    """{k: (top-1 %, top-5 %)} of ``backbone``'s features on ``val_root`` with ``train_root`` as the bank."""
-    tf = eval_transform(resize=resize, crop=crop)
+    """{k: (top-1 %, top-5 %)} of ``backbone``'s features on ``val_root`` with ``train_root`` as the bank.
+
+    Images: bicubic resize of the short side to ``resize`` px (None: crop * 256 / 224), centre crop."""
+    tf = eval_transform(resize=resize or resize_for(crop), crop=crop)
     data = class_folders(train_root, val_root, tf, tf)
     bank = extract_bank(backbone, data, batch_size, num_workers, device, progress=False)
     return classify_bank(bank, ks, temperature)
@@ -95,59 +116,69 @@ def classify_bank(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="eval_knn", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    p = argparse.ArgumentParser(prog="eval_knn", description=__doc__, formatter_class=HelpFormatter)
     add_backbone_args(p)
     p.add_argument("--data", help="folder with train/ and val/ class folders")
-    p.add_argument("--ks", type=int, nargs="+", default=list(KNN_KS))
-    p.add_argument("--temperature", type=float, default=KNN_TEMPERATURE)
-    p.add_argument("--batch-size", type=int, default=64, help="per process")
-    p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--resize", type=int, default=256)
-    p.add_argument("--crop", type=int, default=224)
+    p.add_argument("--ks", type=int, nargs="+", default=list(KNN_KS), help="numbers of neighbours")
+    p.add_argument("--temperature", type=float, default=KNN_TEMPERATURE, help="votes weigh exp(cosine / T)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass, per process")
+    p.add_argument(
+        "--num-workers", type=int, default=default_workers(), help="decoding processes (fits this machine)"
+    )
+    add_size_args(p)
     p.add_argument("--dump-features", metavar="DIR", help=f"save the features to DIR/{FEATURES_FILE}")
+    p.add_argument(
+        "--patch-tokens",
+        action="store_true",
+        help=f"with --dump-features: also each image's patch tokens (h*w, D) in float16, streamed to the "
+        f"feature stores DIR/{PATCH_DIR}/train and /val (read them with eval.feature_store.open_store)",
+    )
     p.add_argument("--load-features", metavar="DIR", help="reuse features saved by --dump-features")
     p.add_argument("--output-dir", help=f"write {RESULTS_FILE} and TensorBoard scalars here")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if seen")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
-
-
-def _summary(info: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in info.items() if k not in ("ignored_keys", "missing_keys", "unexpected_keys")}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     env, device = setup_process(args.device)
     try:
+        for flag, folder in (("--output-dir", args.output_dir), ("--dump-features", args.dump_features)):
+            if folder:  # before any work: an unusable folder fails now, not after the extraction
+                check_writable_dir(folder, flag)
         start = time.perf_counter()
         if args.load_features:
             bank = _load_bank(Path(args.load_features) / FEATURES_FILE)
-            info = bank.get("backbone", {})
         else:
             if not args.data:
                 raise SystemExit("error: give --data (or --load-features DIR)")
+            if args.patch_tokens and not args.dump_features:
+                raise SystemExit("error: --patch-tokens writes into the --dump-features DIR: give one")
             backbone, info = backbone_from_args(args)
+            if args.patch_tokens and not hasattr(backbone, "num_prefix_tokens"):
+                raise SystemExit(f"error: --patch-tokens needs a ViT; {info['arch']} has no patch tokens")
             if env.is_main:
                 print(f"backbone: {info['arch']} from {info['path']} ({info['source']})", flush=True)
-            tf = eval_transform(resize=args.resize, crop=args.crop)
+            resize, crop = eval_sizes(args)
+            tf = eval_transform(resize=resize, crop=crop)
             data = class_folders(*split_roots(args.data), tf, tf)
+            patches = Path(args.dump_features) / PATCH_DIR if args.patch_tokens else None
             bank = extract_bank(
-                backbone, data, args.batch_size, args.num_workers, device, not args.no_progress
+                backbone, data, args.batch_size, args.num_workers, device, not args.no_progress, patches
             )
-            bank["backbone"] = _summary(info)
+            bank["backbone"] = backbone_record(info)
+            bank["extraction"] = settings_record(args, device, env.world_size)
         seconds = time.perf_counter() - start
         if args.dump_features and env.is_main:
             Path(args.dump_features).mkdir(parents=True, exist_ok=True)
             atomic_save(bank, Path(args.dump_features) / FEATURES_FILE)
         if env.is_main:
             results = classify_bank(bank, args.ks, args.temperature)
-            _report(args, bank, info, results, seconds, env.world_size)
+            _report(args, bank, results, seconds, settings_record(args, device, env.world_size))
         barrier()
-    except (CheckpointError, DataError) as err:
-        raise SystemExit(f"error: {err}") from None
+    except (CheckpointError, DataError, SystemExit) as err:
+        raise input_error(err) from None  # "error: ..." on stderr, exit status 2
     finally:
         cleanup()
     return 0
@@ -167,10 +198,9 @@ def _load_bank(path: Path) -> dict[str, Any]:
 def _report(
     args: argparse.Namespace,
     bank: dict[str, Any],
-    info: dict[str, Any],
     results: dict[int, tuple[float, float]],
     seconds: float,
-    world: int,
+    settings: dict[str, Any],
 ) -> None:
     n, m, c = len(bank["train_labels"]), len(bank["val_labels"]), len(bank["classes"])
     print(f"k-NN on {n} train / {m} val images, {c} classes, T={args.temperature}")
@@ -187,10 +217,13 @@ def _report(
             "num_val": m,
             "num_classes": c,
             "missing_from_train": bank.get("missing_from_train", []),
-            "backbone": _summary(info),
+            "backbone": bank.get("backbone", {}),
             "features_seconds": seconds,
             "features_loaded": bool(args.load_features),
-            "world_size": world,
+            "world_size": settings["world_size"],
+            # With --load-features the images were embedded by an earlier run: its settings say how.
+            "extraction": bank.get("extraction", settings),
+            "settings": settings,
         },
     )
     scalars = [(f"knn/top1_k{k}", t1, 0) for k, (t1, _) in results.items()]

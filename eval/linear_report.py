@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from dino_train.runtime.files import atomic_save
-from eval.common import ClassFolders, print_table, write_json, write_scalars
+from eval.common import ClassFolders, backbone_record, print_table, write_json, write_scalars
 from eval.linear_model import (
     GridPoint,
     LinearGrid,
@@ -39,8 +39,12 @@ def finish(
     data: ClassFolders,
     info: dict[str, Any],
     total_batch: int,
+    settings: dict[str, Any],
 ) -> None:
-    """Print the table, save every probe and the best one, write the JSON and TensorBoard scalars."""
+    """Print the table, save every probe and the best one, write the JSON and TensorBoard scalars.
+
+    ``settings``: ``settings_record`` of the run (every flag, the sizes used, device, world size), written
+    into the JSON. Epochs are named by their 0-based index, as in the training log."""
     entries, rows = [], []
     for i, p in enumerate(points):
         last, best = tracker.last(i), tracker.best(i)
@@ -65,7 +69,9 @@ def finish(
     atomic_save(every | {"best": tracker.best_states, "best_index": ib}, out / CLASSIFIERS_FILE)
     head = torch.nn.Linear(grid.heads[ib].in_features, len(data.classes))
     head.load_state_dict(tracker.best_states[ib])
-    save_classifier(out / BEST_FILE, head, points[ib], data.classes, epoch=best["epoch"], top1=best["top1"])
+    # A file counts epochs completed (the release's linear checkpoints do), the JSON names the epoch.
+    done = best["epoch"] + 1
+    save_classifier(out / BEST_FILE, head, points[ib], data.classes, epoch=done, top1=best["top1"])
     write_json(
         out / RESULTS_FILE,
         {
@@ -79,8 +85,9 @@ def finish(
             "num_train": len(data.train),
             "num_val": len(data.val),
             "missing_from_train": data.missing_from_train,
-            "backbone": {k: v for k, v in info.items() if not k.endswith("_keys")},
+            "backbone": backbone_record(info),
             "classifier": str(out / BEST_FILE),
+            "settings": settings,
         },
     )
     history = zip(points, tracker.history, strict=True)
@@ -94,6 +101,7 @@ def evaluate_only(
     data: ClassFolders,
     token_bank: Callable[[Any, int], tuple[torch.Tensor, torch.Tensor]],
     is_main: bool,
+    settings: dict[str, Any],
 ) -> None:
     """Val accuracy of a saved probe; its feature layout comes from the file, else from the flags.
 
@@ -140,4 +148,5 @@ def evaluate_only(
         print_table(
             ["classifier", "top-1", "top-5"], [[Path(args.classifier).name, result["top1"], result["top5"]]]
         )
-        write_json(Path(args.output_dir) / EVALUATE_FILE, {"evaluate": result, "backbone": info["path"]})
+        record = {"evaluate": result, "backbone": backbone_record(info), "settings": settings}
+        write_json(Path(args.output_dir) / EVALUATE_FILE, record)

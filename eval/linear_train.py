@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from dino_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dino_train.runtime.distributed import all_reduce_sum
+from dino_train.runtime.progress import use_progress_bar
 from eval.linear_model import GridPoint, LinearGrid, backbone_tokens, lr_for, topk_correct
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # token stack (B, n_max + 1, D), labels (B,)
@@ -112,7 +113,8 @@ def train_one_epoch(
     grid.train()
     params = [p for p in grid.parameters()]
     loss_sum, steps = 0.0, 0
-    for tokens, labels in tqdm(batches, total=total, disable=not progress, desc="linear", unit="batch"):
+    draw = progress and use_progress_bar()  # never \r frames in a file or a Slurm log
+    for tokens, labels in tqdm(batches, total=total, disable=not draw, desc="linear", unit="batch"):
         tokens, labels = tokens.to(device), labels.to(device)
         # Summing the per-classifier losses trains each classifier exactly as if it were alone: their
         # parameters are disjoint, so each gradient only sees its own loss.
@@ -146,7 +148,8 @@ def validate(
 
 
 class Tracker:
-    """Per-classifier accuracy history, the best epoch of each, and its weights at that epoch."""
+    """Per-classifier accuracy history, the best epoch of each, and its weights at that epoch. Epochs are
+    named by their 0-based index, as the training log names them (checkpoints count epochs completed)."""
 
     def __init__(self, n: int):
         self.history: list[list[dict[str, Any]]] = [[] for _ in range(n)]
@@ -262,5 +265,5 @@ def train_probe_in_memory(
         batches = cached_batches(train_tokens, train_labels, batch_size, epoch, seed, 0, 1)
         train_one_epoch(grid, optimizer, batches, device, 1, progress)
         scheduler.step()
-        tracker.update(epoch + 1, validate(grid, val_tokens, val_labels, device), grid)
+        tracker.update(epoch, validate(grid, val_tokens, val_labels, device), grid)
     return grid.heads[0].cpu(), tracker

@@ -24,6 +24,7 @@ from dino_train.data import DataError, generate_embedded_dataset
 from dino_train.models import build_from_spec, model_spec
 from dino_train.runtime.files import CheckpointError
 from dino_train.train import TrainResult, train
+from eval.cli import HelpFormatter
 
 REPO = Path(__file__).resolve().parents[1]
 # What each length must show (the issue's targets; printed with the results).
@@ -34,15 +35,17 @@ TARGETS = {
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--long", action="store_true", help="the long demo (configs/demo_long.yaml, ~40 min)")
     p.add_argument("--config", type=Path, help="default: configs/demo.yaml, or demo_long.yaml with --long")
     p.add_argument(
         "--data-dir", type=Path, default=Path("data/embedded"), help="where the data set is written"
     )
     p.add_argument("--skip-eval", "--skip-knn", action="store_true", help="no comparison with random init")
+    p.add_argument("--no-progress", action="store_true", help="plain lines only (train.progress_bar=false)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = p.parse_args(argv)
+    args.overrides += ["train.progress_bar=false"] if args.no_progress else []
     args.config = args.config or REPO / "configs" / ("demo_long.yaml" if args.long else "demo.yaml")
     return args
 
@@ -140,11 +143,14 @@ def random_backbone(cfg: Config) -> torch.nn.Module:
 
 def compare_to_random(teacher: torch.nn.Module, cfg: Config, root: Path) -> dict[str, dict[str, float]]:
     """k-NN, linear probe and attention Jaccard of the trained teacher next to a random backbone."""
-    from eval.scorecard import score_backbone
+    from eval.scorecard import score_backbone, sizes_line
 
+    # The whole image, as the recipe's k-NN monitor (monitor.knn_resize): the tools' default, the
+    # release's 256/224 rule, would crop away the border of these 64 px images.
     size = cfg.data.global_crops_size
+    print(sizes_line(size), flush=True)
     models = {"random init": random_backbone(cfg), "DINO teacher": teacher.cpu().float().eval()}
-    return {name: score_backbone(model, root, size) for name, model in models.items()}
+    return {name: score_backbone(model, root, size, verbose=False) for name, model in models.items()}
 
 
 def print_report(report: dict[str, Any], targets: dict[str, float]) -> None:

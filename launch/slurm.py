@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dino_train.config import Config, ConfigError, TrainConfig, load_config
+from eval.cli import HelpFormatter
 from launch.slurm_resources import LaunchError, SlurmResources, add_resource_args, resources_from_args
 from launch.slurm_submit import (
     check_cluster,
@@ -153,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m launch.slurm",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--config", type=Path, help="recipe yaml (see configs/)")
     p.add_argument(

@@ -2,9 +2,12 @@
 
     python -m launch.slurm_eval --checkpoints runs/a/checkpoint.pth runs/b/checkpoint.pth \\
         --data /datasets/imagenet --kind knn --gpus-per-node 1 --partition P --wait [-- --ks 10 20]
+    python -m launch.slurm_eval --checkpoints runs/a/checkpoint.pth --data /datasets/cifar10 \
+        --kind finetune --gpus-per-node 8 --time 24:00:00 --wait -- --epochs 100
     python -m launch.slurm_eval --collect runs/eval_slurm     # the table of a run submitted earlier
 
-Each task runs the same main as ``eval_knn`` / ``eval_linear`` (flags after ``--`` go to it) and writes
+Each task runs the same main as ``eval_knn`` / ``eval_linear`` / ``eval_finetune`` (flags after ``--`` go
+to it; a task of several processes, ``--gpus-per-node 8``, runs it as one process group) and writes
 into ``<output-dir>/<NN>-<name>/``; the table is printed and written to
 ``<output-dir>/slurm_eval_results.json``.
 """
@@ -20,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eval.common import print_table, write_json
+from eval.cli import HelpFormatter
+from eval.common import EvalExit, print_table, write_json
 from launch.slurm_resources import LaunchError, SlurmResources, add_resource_args, resources_from_args
 from launch.slurm_submit import (
     check_cluster,
@@ -32,7 +36,11 @@ from launch.slurm_submit import (
     requeue_or_stop,
 )
 
-RESULT_FILES = {"knn": "knn_results.json", "linear": "linear_results.json"}
+RESULT_FILES = {
+    "knn": "knn_results.json",
+    "linear": "linear_results.json",
+    "finetune": "finetune_results.json",
+}
 MANIFEST = "slurm_eval.json"
 RESULTS = "slurm_eval_results.json"
 
@@ -54,21 +62,23 @@ class EvalTask:
         return [*paths, "--no-progress", *self.eval_args]
 
     def __call__(self) -> dict[str, Any]:
-        from eval import knn_eval, linear_eval
+        from eval import finetune_eval, knn_eval, linear_eval
 
-        module = knn_eval if self.kind == "knn" else linear_eval
+        module = {"knn": knn_eval, "linear": linear_eval, "finetune": finetune_eval}[self.kind]
         try:
             module.main(self.argv())
         except SystemExit as stop:
-            # The eval mains report bad input as SystemExit("error: ..."), which submitit would not record
-            # as the job's error; an int code (submitit's own exit after a requeue) must pass untouched.
-            if isinstance(stop.code, str):
-                raise RuntimeError(stop.code.removeprefix("error: ")) from None
+            # The eval mains report bad input as EvalExit (status 2, str() the "error: ..." text), which
+            # submitit would not record as the job's error; another int code (submitit's own exit after a
+            # requeue) must pass untouched.
+            message = str(stop) if isinstance(stop, EvalExit) else stop.code
+            if isinstance(message, str):
+                raise RuntimeError(message.removeprefix("error: ")) from None
             raise
         return read_result(self.kind, Path(self.output_dir))
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
-        # linear_eval resumes from its own checkpoint in output_dir; k-NN simply starts again.
+        # linear_eval and finetune_eval resume from their checkpoint in output_dir; k-NN starts again.
         again = dataclasses.replace(self, requeues=self.requeues + 1)
         return requeue_or_stop(self.requeues, self.max_requeues, f"{self.kind} eval of {self.weights}", again)
 
@@ -78,6 +88,14 @@ def read_result(kind: str, output_dir: Path) -> dict[str, Any]:
     data = json.loads((output_dir / RESULT_FILES[kind]).read_text())
     if kind == "knn":
         return {f"k={k}": round(v["top1"], 2) for k, v in data["results"].items()}
+    if kind == "finetune":
+        best, last = data["best"], data["last"]
+        return {
+            "top-1": round(best["top1"], 2),
+            "top-5": round(best["top5"], 2),
+            "best epoch": best["epoch"],
+            "last top-1": round(last["top1"], 2),
+        }
     best = data["best"]
     return {
         "probe": best["name"],
@@ -164,21 +182,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m launch.slurm_eval",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--checkpoints", nargs="+", default=[], help="checkpoint or backbone files to evaluate")
     p.add_argument("--data", help="folder with train/ and val/ class folders")
-    p.add_argument("--kind", choices=sorted(RESULT_FILES), default="knn")
+    p.add_argument(
+        "--kind", choices=sorted(RESULT_FILES), default="knn", help="which evaluation each task runs"
+    )
     p.add_argument("--output-dir", default="runs/eval_slurm", help="one sub-folder per checkpoint")
     p.add_argument("--shared-dir", help="logs and submitit's files (default: <output-dir>/slurm/%%j)")
-    p.add_argument("--max-requeues", type=int, default=3)
+    p.add_argument("--max-requeues", type=int, default=3, help="after preemption or a time limit")
     p.add_argument("--array-parallelism", type=int, help="at most this many tasks at once")
     p.add_argument("--wait", action="store_true", help="wait for every task, then print the table")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and submit nothing")
     p.add_argument("--no-check", action="store_true", help="skip asking sinfo / sbatch --test-only first")
     p.add_argument("--collect", metavar="OUTPUT_DIR", help="print the table of an earlier submission")
     add_resource_args(p, job_name="dino-eval", cpus_per_task=6)
-    p.epilog = "Flags after a lone -- go to eval_knn / eval_linear unchanged."
+    p.epilog = "Flags after a lone -- go to eval_knn / eval_linear / eval_finetune unchanged."
     return p
 
 

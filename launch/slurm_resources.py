@@ -148,7 +148,7 @@ def _mem(gb: float) -> str:
 
 def add_resource_args(p: argparse.ArgumentParser, job_name: str, cpus_per_task: int = 10) -> None:
     g = p.add_argument_group("Slurm resources (nothing is specific to one cluster)")
-    g.add_argument("--nodes", type=int, default=1)
+    g.add_argument("--nodes", type=int, default=1, help="machines")
     g.add_argument("--gpus-per-node", type=int, default=0, help="0 on CPU-only clusters")
     g.add_argument("--tasks-per-node", type=int, help="default: one per GPU, or 1 without GPUs")
     g.add_argument(
@@ -162,7 +162,7 @@ def add_resource_args(p: argparse.ArgumentParser, job_name: str, cpus_per_task: 
     g.add_argument("--constraint", help="node features, e.g. volta32gb")
     g.add_argument("--gres", help="e.g. gpu:8, for clusters that do not take --gpus-per-node")
     g.add_argument("--exclude", help="nodes to avoid")
-    g.add_argument("--job-name", default=job_name)
+    g.add_argument("--job-name", default=job_name, help="the name squeue shows")
     g.add_argument("--wckey", help="only on clusters that use workload characterisation keys")
     g.add_argument("--signal-delay", type=int, default=120, help="seconds between USR2 and the time limit")
     g.add_argument("--setup", action="append", default=[], help="a shell line run before srun (repeatable)")

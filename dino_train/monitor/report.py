@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from eval.cli import HelpFormatter
+
 
 def read_log(run_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
     """The records of ``<run_dir>/log.jsonl`` by kind (step, epoch, knn, warning)."""
@@ -30,6 +32,13 @@ def read_log(run_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
             continue
         kinds.setdefault(rec.get("kind", "step"), []).append(rec)
     return kinds
+
+
+def epoch_label(index: int) -> str:
+    """An epoch as the log names it (its 0-based index) and as checkpoints count it (epochs completed):
+    the k-NN after the 10th epoch is "epoch 9 (10 completed)", which checkpoint0009.pth holds and whose
+    ``epoch`` entry, like the eval tools' ``epochs_completed``, is 10."""
+    return f"epoch {index} ({index + 1} completed)"
 
 
 def summarize(kinds: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -94,7 +103,7 @@ def plot(kinds: dict[str, list[dict[str, Any]]], out: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("run_dir", type=Path)
     p.add_argument("--out", type=Path, default=None, help="PNG path (default: <run_dir>/report.png)")
     args = p.parse_args(argv)
@@ -112,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"images/s:       {ips:.1f} (median over logged steps)" if ips else "images/s:       -")
     knn = s["best_knn"]
     print(
-        f"best k-NN:      {knn['top1']:.1f}% (k={knn['k']}, epoch {knn['epoch']})"
+        f"best k-NN:      {knn['top1']:.1f}% (k={knn['k']}, {epoch_label(knn['epoch'])})"
         if knn
         else "best k-NN:      -"
     )
