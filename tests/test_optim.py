@@ -93,3 +93,26 @@ def test_last_layer_frozen_in_first_epochs_only():
     before = model.head.last_layer.weight_v.detach().clone()
     opt.step()
     assert torch.equal(before, model.head.last_layer.weight_v)
+
+
+def test_adamw_is_fused_where_torch_has_the_kernel_and_equals_foreach(one_thread):
+    # The same gradients into both (a model's own would drift apart: its float noise, e.g. the key
+    # bias's ~0 gradient, differs once the weights differ by rounding).
+    torch.manual_seed(0)
+    a, b = tiny_model(), tiny_model()
+    b.load_state_dict(a.state_dict())
+    before = a.backbone.blocks[0].attn.qkv.weight.detach().clone()
+    fused = build_optimizer(a, "adamw")
+    assert fused.param_groups[0]["fused"]  # torch has CPU kernels
+    foreach = torch.optim.AdamW(param_groups(b), lr=0.0, weight_decay=0.0, foreach=True)
+    grads = [[torch.randn_like(p) * 1e-3 for p in a.parameters()] for _ in range(3)]
+    for opt, model in ((fused, a), (foreach, b)):
+        apply_step_values(opt, 1e-3, 0.04)
+        for step in grads:
+            for p, g in zip(model.parameters(), step, strict=True):
+                p.grad = g.clone() if p.requires_grad else None
+            opt.step()
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+    moved = (a.backbone.blocks[0].attn.qkv.weight - before).abs().max()
+    assert 2e-3 < moved < 4e-3  # ~lr per Adam step, 3 steps: the weights did move

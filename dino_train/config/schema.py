@@ -62,6 +62,11 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str = setting("", required)  # a class-folder data set (ImageFolder layout) or a folder of images
+    # "folder": the images at data.path; "shards": webdataset tar shards (a folder of .tar files or a
+    # brace pattern such as /data/in1k/shard-{000000..001281}.tar; dino-make-shards writes them),
+    # streamed sequentially through a shuffle buffer of data.shuffle_buffer samples per loader worker.
+    format: Literal["folder", "shards"] = "folder"
+    shuffle_buffer: int = setting(1000, at_least(1))
     batch_size_per_gpu: int = setting(64, positive)
     num_workers: int = setting(10, at_least(0))
     global_crops_size: int = setting(224, positive)
@@ -69,6 +74,10 @@ class DataConfig:
     local_crops_number: int = setting(8, at_least(0))
     local_crops_size: int = setting(96, positive)
     local_crops_scale: tuple[float, float] = setting((0.05, 0.4), crop_scale)
+    # Where multi-crop augmentation runs: "auto" is the batched uint8 tensor path, its photometric ops on
+    # the GPU after the transfer when training on CUDA, in the loader workers otherwise; "cpu" / "cuda"
+    # force either; "pil" is the release's PIL pipeline, kept for fidelity checks.
+    augment_device: Literal["auto", "cpu", "cuda", "pil"] = "auto"
 
 
 @dataclass
@@ -100,6 +109,9 @@ class DinoConfig:
     sinkhorn_iterations: int = setting(3, at_least(1))
     # KoLeo regulariser on the student's CLS features of each global crop (dinov2 uses 0.1); 0 is off.
     koleo_weight: float = setting(0.0, at_least(0))
+    # What KoLeo spreads: the backbone's CLS features (dinov2) or the head's L2-normalised bottleneck,
+    # the vectors the prototypes score (keeps the head from mapping every image to one direction).
+    koleo_on: Literal["backbone", "bottleneck"] = "backbone"
 
 
 def _mask_ratio(r: tuple[float, float]) -> str | None:
@@ -139,6 +151,10 @@ class TrainConfig:
     # and activations recomputed per block in the backward pass instead of kept.
     accumulation_steps: int = setting(1, at_least(1))
     grad_checkpointing: bool = False
+    # "ddp": every rank holds the whole student and teacher; "fsdp": torch's FSDP2 shards both (and the
+    # optimizer state) over the ranks, for backbones that do not fit (ViT-L, ViT-g); its checkpoints are
+    # sharded too, beside a release-layout checkpoint.pth (dino_train/train/sharded_checkpoint.py).
+    sharding: Literal["ddp", "fsdp"] = "ddp"
     compile: bool = False  # torch.compile the backbones (the first steps are slow while it compiles)
     # scaled_dot_product_attention or the explicit softmax(q k^T): "auto" is fused on CUDA and explicit on
     # the CPU, where bench/train_step.py measured explicit faster in bf16. Not on/off: YAML reads those

@@ -10,9 +10,11 @@ def ema_update_(teacher: list[torch.Tensor], student: list[torch.Tensor], moment
     """In place: teacher = momentum * teacher + (1 - momentum) * student, for every pair of tensors.
 
     Parameters only, as in the original: buffers such as BatchNorm statistics are not averaged.
-    The foreach ops do the whole list in a few kernels instead of one per parameter.
+    Written as teacher += (1 - momentum) (student - teacher), one foreach lerp: a single pass over the
+    teacher (read and write) and the student (read), where a multiply then an add make two passes over
+    the teacher. Equal to the product form within float rounding; momentum 1 keeps the teacher and 0
+    copies the student exactly.
     """
     if len(teacher) != len(student):
         raise ValueError(f"teacher has {len(teacher)} parameters, student {len(student)}")
-    torch._foreach_mul_(teacher, momentum)
-    torch._foreach_add_(teacher, [s.detach() for s in student], alpha=1.0 - momentum)
+    torch._foreach_lerp_(teacher, [s.detach() for s in student], 1.0 - momentum)

@@ -113,15 +113,19 @@ class MultiCropDataset(Dataset):
         """``(crops, label, unreadable files skipped to get this sample)``."""
         index, epoch = key
         img, label, skipped = self._load(index)
-        s = mix_seed(self.seed, epoch, index)
-        py_state = random.getstate()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                # The CPU generator only: torch.manual_seed would also reseed CUDA in the main process
-                # (num_workers=0), changing the model's own random draws with the worker count.
-                torch.default_generator.manual_seed(s)
-                random.seed(s)
-                crops = self.transform(img)
-        finally:
-            random.setstate(py_state)
-        return crops, label, skipped
+        return seeded_call(self.transform, img, mix_seed(self.seed, epoch, index)), label, skipped
+
+
+def seeded_call(transform: Callable[[Any], Any], img: Any, seed: int) -> Any:
+    """``transform(img)`` with torch's CPU generator and Python's ``random`` seeded by ``seed``, both
+    restored afterwards: a sample's crops depend on its seed alone, not on the worker or the history."""
+    py_state = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            # The CPU generator only: torch.manual_seed would also reseed CUDA in the main process
+            # (num_workers=0), changing the model's own random draws with the worker count.
+            torch.default_generator.manual_seed(seed)
+            random.seed(seed)
+            return transform(img)
+    finally:
+        random.setstate(py_state)

@@ -1,0 +1,76 @@
+"""The augmentation paths wired into training (data.augment_device), and the benchmarks that compare
+them: bench.data_pipeline at a tiny size, bench.gpu_check's CPU-compatible parts."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench.data_pipeline import main
+from dino_train.config import ConfigError, load_config
+from dino_train.data import resolve_augment_device
+from dino_train.runtime.distributed import DistEnv
+from dino_train.train.build import build_loader
+from tests.conftest import REPO, tiny_overrides
+
+
+@pytest.mark.slow
+def test_bench_compares_both_paths_per_process_and_through_the_loader(tmp_path, one_thread, capsys):
+    out = tmp_path / "data.json"
+    args = ["--images", "4", "--batch", "2", "--workers", "0", "--shapes", "demo", "--json", str(out)]
+    assert main(args) == 0  # main keeps torch to one thread: the one_thread fixture restores it
+    rows = json.loads(out.read_text())["rows"]
+    measures = {(r["path"], r["what"]) for r in rows}
+    for path in ("pil", "tensor"):
+        for what in ("decode, 1 process", "multi-crop, 1 process", "DataLoader, 0 workers"):
+            assert (path, what) in measures
+    assert all(r["images_per_s"] > 0 and r["shape"] == "demo" for r in rows)
+    tensor = [r for r in rows if r["path"] == "tensor"]
+    pil = {r["what"]: r["images_per_s"] for r in rows if r["path"] == "pil"}
+    assert all(r["vs_pil"] == pytest.approx(r["images_per_s"] / pil[r["what"]]) for r in tensor)
+    assert "vs pil" in capsys.readouterr().out
+
+
+def test_augment_device_resolves_and_refuses_cuda_without_a_gpu(tmp_path):
+    cpu = torch.device("cpu")
+    assert resolve_augment_device("auto", cpu) == "cpu" and resolve_augment_device("pil", cpu) == "pil"
+    assert resolve_augment_device("auto", torch.device("cuda", 0)) == "cuda"
+    with pytest.raises(ValueError, match="data.augment_device='gpu'"):
+        resolve_augment_device("gpu", cpu)
+    with pytest.raises(ConfigError, match="data.augment_device"):
+        load_config(None, ["data.path=x", "data.augment_device=gpu"])
+    cfg = load_config(None, ["data.path=x", "data.augment_device=cuda"])
+    with pytest.raises(ConfigError, match="data.augment_device=cuda needs a CUDA training device"):
+        build_loader(cfg.data, 0, DistEnv(), cpu)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["cpu", "pil"])
+def test_short_training_runs_on_either_augmentation_path(tiny_data, tmp_path, mode, one_thread):
+    from dino_train.train import train
+
+    extra = ("train.epochs=1", "train.num_threads=1", f"data.augment_device={mode}")
+    cfg = load_config(None, tiny_overrides(tiny_data, tmp_path, *extra))
+    loader, _ = build_loader(cfg.data, 0, DistEnv(), torch.device("cpu"))
+    crops, _, _ = next(iter(loader))
+    assert [tuple(c.shape) for c in crops] == [(8, 3, 32, 32)] * 2 + [(8, 3, 16, 16)] * 2
+    assert all(c.dtype == torch.float32 for c in crops)
+    result = train(cfg)
+    assert result.step == 5 and result.last_loss is not None and math.isfinite(result.last_loss)
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_its_parts_on_the_cpu(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    cmd = [sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--quick", "--steps", "1",
+           "--batch", "2", "--peak-tflops", "0.2", "--json", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = {r["part"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"step", "collectives", "knn", "augment"}
+    assert rows["step"]["applied"] and math.isfinite(rows["step"]["loss"]) and rows["step"]["mfu"] > 0
+    assert rows["collectives"]["ok"] and rows["collectives"]["backend"] == "gloo" and rows["knn"]["ok"]
+    assert rows["augment"]["finish_images_per_s"] > 0
