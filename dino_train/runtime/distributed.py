@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import datetime
 import os
-import re
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from dino_train.runtime.slurm_env import slurm_layout
 
 
 @dataclass(frozen=True)
@@ -26,19 +28,13 @@ class DistEnv:
         return self.rank == 0
 
 
-def _first_slurm_host(nodelist: str) -> str:
-    """First host of a Slurm node list such as ``gpu[003-005,010],cpu1`` -> ``gpu003``."""
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if match is None:
-        return "127.0.0.1"
-    prefix, ranges = match.group(1), match.group(2)
-    if not ranges:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """Read rank, local rank, world size and master address from torchrun's or Slurm's variables.
 
-
-def detect_env(environ: dict[str, str] | None = None) -> DistEnv:
-    """Read rank, local rank, world size and master address from torchrun's or Slurm's variables."""
+    torchrun's win where both are set (``srun torchrun ...``: torchrun's agents form the group). Under
+    Slurm alone, a step of more than one task is one group (``slurm_env.slurm_layout``); a bad Slurm
+    variable raises ``SlurmEnvError`` naming it.
+    """
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return DistEnv(
@@ -49,17 +45,14 @@ def detect_env(environ: dict[str, str] | None = None) -> DistEnv:
             master_port=int(env.get("MASTER_PORT", 29500)),
             source="torchrun",
         )
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        job = int(env.get("SLURM_JOB_ID", "0"))
+    layout = slurm_layout(env)
+    if layout is not None and layout.world_size > 1:
         return DistEnv(
-            rank=int(env["SLURM_PROCID"]),
-            local_rank=int(env.get("SLURM_LOCALID", 0)),
-            world_size=int(env["SLURM_NTASKS"]),
-            master_addr=_first_slurm_host(
-                env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))
-            ),
-            # A port derived from the job id, so two jobs sharing a node do not collide.
-            master_port=int(env.get("MASTER_PORT", 20000 + job % 20000)),
+            rank=layout.rank,
+            local_rank=layout.local_rank,
+            world_size=layout.world_size,
+            master_addr=layout.master_addr,
+            master_port=layout.master_port,
             source="slurm",
         )
     return DistEnv()

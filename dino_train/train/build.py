@@ -11,7 +11,15 @@ from torch.utils.data import DataLoader
 from dino_train.config import Config, DataConfig, RunPlan, position_grid_size
 from dino_train.config.fields import ConfigError
 from dino_train.core.schedules import Schedules, cosine_schedule, teacher_temp_schedule
-from dino_train.data import MultiCropAugmentation, ResumableSampler, build_pretrain_loader
+from dino_train.data import (
+    MultiCropAugmentation,
+    ResumableSampler,
+    TensorMultiCrop,
+    build_pretrain_loader,
+    build_tensor_pretrain_loader,
+    resolve_augment_device,
+)
+from dino_train.data.shards import build_shard_loader
 from dino_train.models import build_student_teacher
 from dino_train.models.backbone import check_crop_size
 from dino_train.runtime import distributed as D
@@ -20,29 +28,27 @@ from dino_train.runtime.precision import make_scaler
 from dino_train.train.init_weights import init_from_file
 from dino_train.train.objective import Objective
 from dino_train.train.optim import build_optimizer
+from dino_train.train.sharding import check_fsdp, shard_model
 from dino_train.train.step import TrainModules
 
 
 def build_loader(
     d: DataConfig, seed: int, env: DistEnv, device: torch.device
 ) -> tuple[DataLoader, ResumableSampler]:
-    transform = MultiCropAugmentation(
-        d.global_crops_size,
-        d.global_crops_scale,
-        d.local_crops_number,
-        d.local_crops_size,
-        d.local_crops_scale,
-    )
-    return build_pretrain_loader(
-        d.path,
-        transform,
-        d.batch_size_per_gpu,
-        d.num_workers,
-        seed,
-        env.rank,
-        env.world_size,
-        pin_memory=device.type == "cuda",
-    )
+    """The multi-crop loader on the path ``data.augment_device`` names for a run training on ``device``
+    (with ``cuda`` its batches hold RawCrops: finish them with ``data.crops_to_device``)."""
+    try:
+        mode = resolve_augment_device(d.augment_device, device)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    crops = (d.global_crops_size, d.global_crops_scale, d.local_crops_number, d.local_crops_size,
+             d.local_crops_scale)  # fmt: skip
+    rest = (d.batch_size_per_gpu, d.num_workers, seed, env.rank, env.world_size, device.type == "cuda")
+    if d.format == "shards":  # a ShardStream plays the sampler's part (set_epoch, set_start_batch)
+        return build_shard_loader(d.path, mode, crops, *rest, shuffle_buffer=d.shuffle_buffer)
+    if mode == "pil":
+        return build_pretrain_loader(d.path, MultiCropAugmentation(*crops), *rest)
+    return build_tensor_pretrain_loader(d.path, TensorMultiCrop(*crops), *rest, on_device=mode == "cuda")
 
 
 def _set_attention(model: nn.Module, mode: str, device: torch.device) -> None:
@@ -87,7 +93,13 @@ def build_modules(cfg: Config, env: DistEnv, device: torch.device, precision: st
         student.backbone.compile()
         teacher.backbone.compile()
     wrapped: nn.Module = student
-    if env.world_size > 1:
+    sharded = t.sharding == "fsdp" and env.world_size > 1  # one process trains unsharded
+    if t.sharding == "fsdp":
+        check_fsdp(cfg, precision)
+    if sharded:  # in place: student and teacher keep their classes' forward and parameter names
+        shard_model(student, precision)
+        shard_model(teacher, precision)
+    elif env.world_size > 1:
         wrapped = DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None
         )
@@ -98,6 +110,7 @@ def build_modules(cfg: Config, env: DistEnv, device: torch.device, precision: st
         objective=Objective(cfg, D.all_reduce_sum).to(device),
         optimizer=build_optimizer(student, cfg.optim.optimizer),
         scaler=make_scaler(precision, device),
+        sharded=sharded,
     )
     mods.init_note = note
     return mods

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from dino_train.config import Config, Precision, plan_run, save_config
+from dino_train.data.photometric import crops_to_device
 from dino_train.data.sampler import mix_seed
 from dino_train.models.backbone import patch_size_of
 from dino_train.models.masking import sample_masks
@@ -37,6 +38,7 @@ from dino_train.train.hooks import (
     StepLog,
     StopVote,
 )
+from dino_train.train.sharded_checkpoint import ShardedCheckpoints
 from dino_train.train.state import RunContext, TrainState, resume
 from dino_train.train.step import StepSettings, train_step
 
@@ -155,7 +157,8 @@ class Run:
             hooks.append(PeriodicKNN(cfg, monitor, self.ctx.device))
         if cfg.monitor.attention_images and env.is_main:
             hooks.append(AttentionImages(cfg, monitor))
-        hooks.append(Checkpoints(self.manager, cfg, env.is_main))  # last: after the epoch's evaluations
+        saver = ShardedCheckpoints if self.state.mods.sharded else Checkpoints  # FSDP: every rank saves
+        hooks.append(saver(self.manager, cfg, env.is_main))  # last: after the epoch's evaluations
         return hooks, health, log
 
     def _open_monitor(self, note: str) -> Monitor:
@@ -232,7 +235,7 @@ class Run:
         ev, t_prev = None, time.perf_counter()
         for crops, _labels, skipped in self.loader:
             t_data = time.perf_counter() - t_prev
-            crops = [c.to(device, non_blocking=True) for c in crops]
+            crops = crops_to_device(crops, device)  # the photometric ops too, with augment_device=cuda
             torch.manual_seed(mix_seed(cfg.train.seed, self.ctx.env.rank, state.step))  # drop path
             values = state.sched.at(state.step)
             log_now = (

@@ -15,6 +15,7 @@ from dino_train.models import WeightNormLinear, model_spec
 from dino_train.runtime.distributed import DistEnv
 from dino_train.runtime.files import CheckpointError, strip_prefix, with_prefix
 from dino_train.train.checkpoint import FORMAT_VERSION
+from dino_train.train.sharding import SHARDED_KEY, restore_sharded
 from dino_train.train.step import TrainModules
 
 
@@ -53,14 +54,19 @@ class TrainState:
         return self.step >= self.plan.total_steps
 
 
-def checkpoint_state(state: TrainState, cfg: Config) -> dict[str, Any]:
+def checkpoint_state(state: TrainState, cfg: Config, weights: dict[str, Any] | None = None) -> dict[str, Any]:
     """The release's layout (student ``module.*``, teacher, optimizer, epoch, dino_loss, fp16_scaler) plus
-    ours: the position, the config and the backbone's timm name and kwargs, all plain data."""
+    ours: the position, the config and the backbone's timm name and kwargs, all plain data. ``weights``
+    replaces the student, teacher and optimizer entries (an FSDP run's, gathered: sharded_checkpoint)."""
     mods, plan = state.mods, state.plan
+    if weights is None:
+        weights = {
+            "student": with_prefix(mods.student_plain.state_dict(), "module."),
+            "teacher": mods.teacher.state_dict(),
+            "optimizer": mods.optimizer.state_dict(),
+        }
     ckpt = {
-        "student": with_prefix(mods.student_plain.state_dict(), "module."),
-        "teacher": mods.teacher.state_dict(),
-        "optimizer": mods.optimizer.state_dict(),
+        **weights,
         "epoch": state.epoch,  # the epoch to run next (the one in progress when batch_in_epoch > 0)
         "batch_in_epoch": state.batch,
         "step": state.step,
@@ -80,6 +86,9 @@ def checkpoint_state(state: TrainState, cfg: Config) -> dict[str, Any]:
 
 
 def restore(mods: TrainModules, ckpt: dict[str, Any], path: Path) -> None:
+    if mods.sharded or SHARDED_KEY in ckpt:  # an FSDP run, or a run resuming an FSDP run's checkpoint
+        restore_sharded(mods, ckpt, path)
+        return
     try:
         mods.student_plain.load_state_dict(strip_prefix(ckpt["student"], "module."))
         mods.teacher.load_state_dict(ckpt["teacher"])

@@ -1,0 +1,138 @@
+"""``train.sharding=fsdp``: torch's FSDP2 (``fully_shard``) on the student and the teacher, the EMA and the
+per-parameter gradient norms on the local shards, and restoring a run from its sharded checkpoint.
+
+Both models are sharded the same way (every ViT block, then the backbone, then the whole model), so the
+teacher's local shard of a parameter lies over the student's: the EMA is a lerp between local tensors,
+with no gather. The teacher only runs forward passes; its parameters are all-gathered per block during
+them and sharded again after. Checkpoints are written by ``sharded_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from dino_train.config import Config
+from dino_train.config.fields import ConfigError
+from dino_train.runtime.files import CheckpointError
+
+SHARDED_KEY = "sharded_state"  # in checkpoint.pth: the folder (relative) of the run's sharded state
+
+
+def check_fsdp(cfg: Config, precision: str) -> None:
+    """What FSDP does not support here yet, as a one-line ConfigError before any compute."""
+    if precision == "fp16":
+        raise ConfigError(
+            "train.sharding=fsdp: fp16 needs a sharded gradient scaler; use train.precision=bf16"
+        )
+    if cfg.optim.optimizer == "lars":
+        raise ConfigError(
+            "train.sharding=fsdp: LARS's trust ratio needs whole-tensor norms; use adamw or sgd"
+        )
+    if cfg.monitor.knn_data or cfg.monitor.attention_images:
+        key = "monitor.knn_data" if cfg.monitor.knn_data else "monitor.attention_images"
+        raise ConfigError(
+            f"{key}: the periodic evaluations run the teacher on some ranks only, which a sharded "
+            "teacher cannot do; evaluate the exported teacher_backbone.pth instead"
+        )
+
+
+def mixed_precision(precision: str) -> MixedPrecisionPolicy:
+    """bf16 parameters in the forward and backward passes with fp32 gradient reduction, or all fp32."""
+    if precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def shard_model(model: nn.Module, precision: str) -> None:
+    """fully_shard in place: each block of the backbone (ViT blocks, or a CNN's stages), the backbone
+    (a unit of its own so that it also runs alone), the heads' parts, then the model (what remains)."""
+    mp = mixed_precision(precision)
+    # The backbone's CLS feature is a view of its tokens; FSDP2 warns that an in-place op on it would
+    # skip its hook. The training step makes none (test_fsdp checks the steps against DDP's).
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    backbone = model.backbone
+    units = list(getattr(backbone, "blocks", None) or getattr(backbone, "stages", None) or []) + [backbone]
+    # The heads' parts (MLP, prototypes) too: 65536 prototypes make a unit as large as a ViT-B block. The
+    # parts, not the head: the wrapper calls the head's parts (project, last_layer), and FSDP gathers a
+    # unit's parameters in its forward() only.
+    for head in [model.head] + ([model.patch_head] if hasattr(model, "patch_head") else []):
+        units += [part for part in head.children() if any(True for _ in part.parameters())]
+    for unit in units:
+        fully_shard(unit, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+
+
+def reshard(model: nn.Module) -> None:
+    """FSDP2 leaves the root's parameters gathered after a forward pass (for the backward that follows);
+    the teacher has none, so it gives them back: the EMA writes the shards, the next forward gathers them."""
+    if isinstance(model, FSDPModule):
+        model.reshard()
+
+
+@torch.no_grad()
+def local_shards(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """This rank's shard of each DTensor (an alias: writing it writes the parameter), others unchanged."""
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+
+
+@torch.no_grad()
+def grad_norms(grads: list[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of each gradient (P,), whole-tensor norms even when the gradients are sharded: the local
+    sums of squares are added over ranks in one all-reduce, never gathering a gradient."""
+    if not any(isinstance(g, DTensor) for g in grads):
+        return torch.stack(torch._foreach_norm(grads))
+    local = local_shards(grads)
+    squares = torch.stack(torch._foreach_norm(local)).square()
+    dist.all_reduce(squares, op=dist.ReduceOp.SUM)
+    return squares.sqrt()
+
+
+def training_state(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The state dicts a sharded checkpoint holds, keyed by parameter name: DTensor shards under FSDP
+    (plain tensors otherwise); torch.distributed.checkpoint reshards them to the reader's world size."""
+    return {
+        "student": get_model_state_dict(student),
+        "teacher": get_model_state_dict(teacher),
+        "optimizer": get_optimizer_state_dict(student, optimizer),
+    }
+
+
+def restore_sharded(mods: Any, ckpt: dict[str, Any], path: Path) -> None:
+    """Load the models and the optimizer from the sharded state ``ckpt`` names (any world size, FSDP or
+    not), the loss state from ``ckpt`` itself. ``mods``: a TrainModules."""
+    rel = ckpt.get(SHARDED_KEY)
+    if rel is None:
+        raise CheckpointError(
+            f"{path} was written with train.sharding=ddp: resume it with ddp, or start a sharded run from "
+            "its weights with model.init_weights (the optimizer state is not carried over)"
+        )
+    folder = Path(path).parent / rel
+    if not (folder / ".metadata").is_file():
+        raise CheckpointError(f"{path} names the sharded state {folder}, which is missing or incomplete")
+    state = training_state(mods.student_plain, mods.teacher, mods.optimizer)
+    try:
+        dcp.load(state, checkpoint_id=folder)
+        set_model_state_dict(mods.student_plain, state["student"])
+        set_model_state_dict(mods.teacher, state["teacher"])
+        set_optimizer_state_dict(mods.student_plain, mods.optimizer, state["optimizer"])
+        mods.objective.dino.load_state_dict(ckpt["dino_loss"])
+        if mods.objective.uses_patches:
+            mods.objective.patch.load_state_dict(ckpt["ibot_loss"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{folder} does not fit the model of this config: {err}") from err

@@ -1,0 +1,123 @@
+"""train.sharding=fsdp (torch's FSDP2) on 2 and 3 CPU processes over gloo: the same steps as DDP, the
+teacher held in shards, sharded checkpoints beside the release's files, resume at another world size."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dino_train.config import ConfigError, load_config
+from dino_train.runtime.files import CheckpointError
+from dino_train.train.sharding import check_fsdp, restore_sharded
+from tests.conftest import REPO, tiny_overrides
+from tests.test_train_e2e import torchrun
+
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
+
+# batch 4 per rank: 5 steps per epoch on 2 processes, 3 on 3; a checkpoint every step, one kept. SGD
+# with a large step: its update is linear in the gradient, so FSDP's and DDP's differ by float rounding
+# only (AdamW's first steps are about lr * sign(gradient), which turns rounding of a near-zero gradient
+# into differences of the size of lr), and the weights move far beyond that tolerance.
+EXTRA = (
+    "optim.optimizer=sgd",
+    "optim.lr=0.1",
+    "optim.warmup_epochs=0",
+    "dino.momentum_teacher=0.9",  # the teacher moves a tenth of the student's way each step
+    "data.batch_size_per_gpu=4",
+    "train.num_threads=1",
+    "train.checkpoint_every_steps=1",
+    "train.keep_last=1",
+)
+RANK_SCRIPT = str(REPO / "tests" / "fsdp_rank.py")
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tiny_data, tmp_path_factory) -> tuple[Path, dict]:
+    """3 steps on 2 processes with FSDP: (output folder, gathered states before and after)."""
+    out = tmp_path_factory.mktemp("fsdp") / "run"
+    over = tiny_overrides(tiny_data, out, *EXTRA, "train.sharding=fsdp", "train.max_steps=3")
+    proc = torchrun(2, RANK_SCRIPT, str(out.parent / "dump.pt"), *over, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, torch.load(out.parent / "dump.pt", weights_only=True)
+
+
+def assert_close(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), what
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"{what}: {k}")
+
+
+def test_fsdp_steps_equal_ddp_steps(fsdp_run, tiny_data, tmp_path):
+    out, dump = fsdp_run
+    ddp_out = tmp_path / "ddp"
+    over = tiny_overrides(tiny_data, ddp_out, *EXTRA, "train.max_steps=3")
+    proc = torchrun(2, "dino_train/main.py", *over, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = torch.load(ddp_out / "checkpoint.pth", weights_only=True)
+    fsdp = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert fsdp["step"] == ddp["step"] == 3 and fsdp["world_size"] == 2
+    # checkpoint.pth keeps the release's layout, with the whole models gathered on rank 0.
+    assert_close(ddp["student"], fsdp["student"], "student")
+    assert_close(ddp["teacher"], fsdp["teacher"], "teacher")
+    assert_close(ddp["dino_loss"], fsdp["dino_loss"], "center")
+    for part, least in (("student", 1e-3), ("teacher", 1e-4)):  # moved well beyond the tolerance
+        key = "backbone.blocks.0.attn.qkv.weight"
+        assert (dump["after"][part][key] - dump["before"][part][key]).abs().max() > least, part
+    backbone = torch.load(out / "teacher_backbone.pth", weights_only=True)
+    assert backbone.keys() == {k[len("backbone.") :] for k in fsdp["teacher"] if k.startswith("backbone.")}
+    assert torch.equal(
+        backbone["blocks.0.attn.qkv.weight"], fsdp["teacher"]["backbone.blocks.0.attn.qkv.weight"]
+    )
+    # Each rank holds about half of the teacher, never all of it; the shards cover it.
+    held = dump["held"]
+    assert (held[:, 0] < 0.6 * held[:, 1]).all() and held[:, 0].sum() >= held[0, 1]
+    # The optimizer state lives in the sharded folder only; keep_last=1 pruned the older ones.
+    assert fsdp["optimizer"] == {} and fsdp["sharded_state"] == "sharded/step00000003"
+    assert sorted(p.name for p in (out / "sharded").iterdir()) == ["step00000003"]
+    assert (out / "sharded" / "step00000003" / ".metadata").is_file()
+
+
+def test_fsdp_resumes_at_another_world_size(fsdp_run, tiny_data, tmp_path):
+    src, dump = fsdp_run
+    out = tmp_path / "three"
+    shutil.copytree(src, out)
+    over = tiny_overrides(tiny_data, out, *EXTRA, "train.sharding=fsdp", "train.max_steps=4")
+    proc = torchrun(3, RANK_SCRIPT, str(tmp_path / "dump3.pt"), *over, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    three = torch.load(tmp_path / "dump3.pt", weights_only=True)
+    assert any("world size 2 -> 3" in n for n in three["notes"]), three["notes"]
+    # What 3 processes restored from 2 processes' shards is exactly what the 2 held, optimizer included.
+    for part in ("student", "teacher"):
+        for k, v in dump["after"][part].items():
+            assert torch.equal(v, three["before"][part][k]), f"{part}: {k}"
+    a, b = dump["after"]["optimizer"]["state"], three["before"]["optimizer"]["state"]
+    assert a.keys() == b.keys()
+    for name in a:
+        for k in a[name]:
+            assert torch.equal(a[name][k], b[name][k]), f"optimizer: {name}.{k}"
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["world_size"] == 3 and ckpt["step"] == 4 and ckpt["sharded_state"] == "sharded/step00000004"
+
+
+@pytest.mark.parametrize(
+    "extra, key",
+    [
+        (["optim.optimizer=lars"], "LARS"),
+        (["monitor.knn_data=/x"], "monitor.knn_data"),
+        (["monitor.attention_images=/x"], "monitor.attention_images"),
+    ],
+)
+def test_what_fsdp_does_not_support_is_refused(tiny_data, tmp_path, extra, key):
+    cfg = load_config(None, tiny_overrides(tiny_data, tmp_path, "train.sharding=fsdp", *extra))
+    with pytest.raises(ConfigError, match=key):
+        check_fsdp(cfg, "fp32")
+    with pytest.raises(ConfigError, match="fp16"):
+        check_fsdp(load_config(None, tiny_overrides(tiny_data, tmp_path)), "fp16")
+
+
+def test_a_ddp_checkpoint_is_not_restored_into_fsdp(tmp_path):
+    with pytest.raises(CheckpointError, match="written with train.sharding=ddp"):
+        restore_sharded(None, {"step": 3}, tmp_path / "checkpoint.pth")
