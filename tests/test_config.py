@@ -143,3 +143,17 @@ def test_non_finite_numbers_are_refused_by_name_everywhere():
         for bad in (".inf", "-.inf", ".nan"):
             with pytest.raises(ConfigError, match="finite"):
                 load_config(None, DATA + [f"{key}={bad}"])
+
+
+@pytest.mark.parametrize("path", ["runs/demo: BN head", "runs/exp #3", "2024", "runs/[a]", "yes"])
+def test_string_settings_take_the_text_as_typed(path):
+    """YAML would read these as a mapping, a comment, a number, a list or a boolean."""
+    cfg = load_config(None, [f"data.path={path}", f"train.output_dir={path}"])
+    assert cfg.data.path == path and cfg.train.output_dir == path
+
+
+def test_quoted_strings_and_other_types_still_read_as_yaml():
+    cfg = load_config(None, ["data.path='a b'", "optim.lr=1e-3", "data.global_crops_scale=[0.3, 1]"])
+    assert cfg.data.path == "a b" and cfg.optim.lr == 0.001 and cfg.data.global_crops_scale == (0.3, 1.0)
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_config(None, ["data.path=x", "optim.lr=runs/a: b"])

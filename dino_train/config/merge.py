@@ -97,6 +97,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
+@dataclasses.dataclass(frozen=True)
+class _OverrideText:
+    """A command-line value: its text, and the text read as YAML. A plain-string setting takes the text as
+    typed (a path such as ``runs/a: b`` or ``runs/exp #3`` is a mapping or a comment to YAML, and
+    ``data.path=2024`` a number), unless it is quoted; every other setting takes the YAML reading."""
+
+    raw: str
+    parsed: Any
+
+    def for_type(self, tp: Any) -> Any:
+        quoted = len(self.raw) >= 2 and self.raw[0] == self.raw[-1] and self.raw[0] in "'\""
+        return self.raw if tp is str and not quoted else self.parsed
+
+
 def _apply(section: Any, values: dict[str, Any], prefix: str) -> None:
     hints = typing.get_type_hints(type(section))
     for name, value in values.items():
@@ -104,6 +118,8 @@ def _apply(section: Any, values: dict[str, Any], prefix: str) -> None:
         if name not in hints:
             known = ", ".join(f"{prefix}{n}" for n in hints)
             raise ConfigError(f"unknown key {key!r}; known keys here: {known}")
+        if isinstance(value, _OverrideText):
+            value = value.for_type(hints[name])
         if dataclasses.is_dataclass(hints[name]):
             if not isinstance(value, dict):
                 raise ConfigError(f"{key}: expected a mapping of keys, got {value!r}")
@@ -113,16 +129,18 @@ def _apply(section: Any, values: dict[str, Any], prefix: str) -> None:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"optim.lr=1e-3"`` -> (["optim", "lr"], "1e-3"); the value is read as YAML, and the schema's type
-    decides what it must be."""
+    """``"optim.lr=1e-3"`` -> (["optim", "lr"], the value); the value is read as YAML, and the schema's
+    type decides what it must be (a plain-string setting takes the text as typed: ``_OverrideText``)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form section.key=value")
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{key}: cannot read value {raw!r}: {err}") from err
-    return key.strip().split("."), value
+    except yaml.YAMLError:
+        value = None if raw.strip()[:1] in "'\"[{" else raw  # only a string setting may take it
+        if value is None:
+            raise ConfigError(f"{key}: cannot read value {raw!r} as YAML") from None
+    return key.strip().split("."), _OverrideText(raw, value)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
