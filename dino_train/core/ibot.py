@@ -3,7 +3,8 @@
 The student sees a global crop with some patch tokens masked; the teacher sees it unmasked. For each
 masked patch the student's patch-head output is trained towards the teacher's centred, sharpened
 output at the same position (a cross-entropy, as DINO's for the CLS token). The teacher's patch head has
-its own center, a running mean over all of its patch tokens.
+its own center, a running mean of the patch outputs it computes: in training those of the masked
+positions only (as dinov2 does; the heads are not run elsewhere, which saves most of their cost).
 
 Normalisation: each image's loss is the mean over its masked patches. Images are then averaged over
 ``mean_over``: "masked_images" (the default: images with at least one masked patch) or "all_images"
@@ -95,9 +96,9 @@ def patch_center_update(
 ) -> torch.Tensor:
     """New patch center: center * momentum + (mean teacher patch logit) * (1 - momentum), (1, K).
 
-    The mean is over every patch token (B, N, K) of every rank, masked or not, as iBOT centres the
-    teacher's patch outputs (the teacher sees the unmasked crop). Sum and token count travel in one
-    all-reduced tensor, so ranks with different batch sizes still give the mean over all tokens.
+    The mean is over every token given ((..., K): all patches, as iBOT centres them, or the masked ones,
+    as dinov2 and our training do) of every rank. Sum and token count travel in one all-reduced tensor,
+    so ranks with different numbers of tokens still give the mean over all of them.
     """
     k = teacher_patch_logits.shape[-1]
     tokens = teacher_patch_logits.float().reshape(-1, k)

@@ -71,11 +71,14 @@ class DINOHead(nn.Module):
         if norm_last_layer:
             self.last_layer.weight_g.requires_grad = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_dim) -> the L2-normalised bottleneck (B, bottleneck_dim) the prototypes score."""
         x = self.mlp(x)
         # Normalise in fp32: under reduced precision the norm of a 256-d vector can lose its eps.
-        x = F.normalize(x.float(), dim=-1, p=2).to(x.dtype)
-        return self.last_layer(x)
+        return F.normalize(x.float(), dim=-1, p=2).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(self.project(x))
 
 
 def _init_linear(module: nn.Module) -> None:

@@ -17,7 +17,12 @@ if TYPE_CHECKING:
 class CropOutputs(NamedTuple):
     logits: torch.Tensor  # (sum of batch sizes, out_dim): the head on each crop's CLS feature, crop order
     features: torch.Tensor  # (sum of batch sizes, embed_dim): the backbone's CLS features
-    patch_logits: torch.Tensor | None  # (B_first, N, patch out_dim): the first resolution's patch tokens
+    # (M, patch out_dim): the patch head on the M patch tokens of the first resolution (the global crops)
+    # that ``forward``'s ``patches`` selects, in the order of ``tokens[patches]``; None without it.
+    patch_logits: torch.Tensor | None
+    # (sum of batch sizes, bottleneck_dim): the head's L2-normalised bottleneck, which the prototypes
+    # score; None for a head without one.
+    bottleneck: torch.Tensor | None = None
 
 
 class MultiCropWrapper(nn.Module):
@@ -55,7 +60,7 @@ class MultiCropWrapper(nn.Module):
         crops: list[torch.Tensor] | torch.Tensor,
         return_features: bool = False,
         masks: torch.Tensor | None = None,
-        patches: bool = False,
+        patches: torch.Tensor | None = None,
         outputs: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | CropOutputs:
         """crops: list of (B, 3, H_i, W_i); consecutive crops of one size share a backbone pass.
@@ -73,11 +78,13 @@ class MultiCropWrapper(nn.Module):
         self,
         crops: list[torch.Tensor] | torch.Tensor,
         masks: torch.Tensor | None = None,
-        patches: bool = False,
+        patches: torch.Tensor | None = None,
     ) -> CropOutputs:
-        """As ``forward``, and with ``patches`` the patch head's output on the patch tokens of the first
-        resolution group (the global crops), whose patches ``masks`` (B_first, N) bool replaces by the
-        mask token (the later groups are never masked)."""
+        """As ``forward``. For the first resolution group (the global crops) ``masks`` (B_first, N) bool
+        replaces those patches by the mask token (the later groups are never masked), and ``patches``
+        (B_first, N) bool selects the patch tokens the patch head runs on: iBOT's loss reads only the
+        masked positions, so the student passes its masks as both and the teacher (unmasked input) as
+        ``patches`` alone; the head, as large as a ViT-Tiny, then runs on ~15% of the tokens."""
         if isinstance(crops, torch.Tensor):
             crops = [crops]
         feats, patch_tokens, start = [], None, 0
@@ -86,7 +93,7 @@ class MultiCropWrapper(nn.Module):
             while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
                 end += 1
             x = torch.cat(crops[start:end])
-            if start == 0 and patches:
+            if start == 0 and patches is not None:
                 self._masks = masks
                 try:
                     tokens = self.backbone.forward_features(x)
@@ -101,8 +108,10 @@ class MultiCropWrapper(nn.Module):
         patch_logits = None
         if patch_tokens is not None:
             head = getattr(self, "patch_head", self.head)
-            b, n, d = patch_tokens.shape
-            patch_logits = head(patch_tokens.reshape(b * n, d)).view(b, n, -1)
+            patch_logits = head(patch_tokens[patches.to(patch_tokens.device)])
+        if isinstance(self.head, DINOHead):
+            z = self.head.project(features)
+            return CropOutputs(self.head.last_layer(z), features, patch_logits, z)
         return CropOutputs(self.head(features), features, patch_logits)
 
 

@@ -13,7 +13,12 @@ from torch import nn
 
 from dino_train.config import Config
 from dino_train.core.centering import batch_center, sinkhorn_knopp, update_center
-from dino_train.core.ibot import ibot_patch_loss, patch_center_update, teacher_patch_targets
+from dino_train.core.ibot import (
+    ibot_token_loss,
+    masked_token_weights,
+    patch_center_update,
+    teacher_patch_targets,
+)
 from dino_train.core.koleo import koleo_per_crop
 from dino_train.core.loss import DINOLoss, centered_teacher, dino_cross_entropy
 from dino_train.models.wrapper import CropOutputs
@@ -50,6 +55,7 @@ class Objective(nn.Module):
         )
         self.sinkhorn = k.centering == "sinkhorn_knopp"
         self.sk_iterations, self.koleo_weight, self.reduce = k.sinkhorn_iterations, k.koleo_weight, reduce
+        self.koleo_on = k.koleo_on
         self.ibot_weight, self.ibot_temp = ib.loss_weight, ib.teacher_temp
         if self.ibot_weight:
             self.patch = PatchCenter(
@@ -78,7 +84,10 @@ class Objective(nn.Module):
                  "loss_global_local": terms.global_local}  # fmt: skip
         if self.koleo_weight:
             n_global = teacher.logits.shape[0]  # the teacher sees the two global crops only
-            parts["loss_koleo"] = koleo_per_crop(student.features[:n_global], 2)
+            spread = student.bottleneck if self.koleo_on == "bottleneck" else student.features
+            if spread is None:
+                raise ValueError("dino.koleo_on=bottleneck needs the DINO head's bottleneck")
+            parts["loss_koleo"] = koleo_per_crop(spread[:n_global], 2)
             total = total + self.koleo_weight * parts["loss_koleo"]
         if self.uses_patches and masks is not None:
             parts["loss_ibot"] = self._ibot(student, teacher, masks, teacher_temp)
@@ -88,16 +97,16 @@ class Objective(nn.Module):
     def _ibot(
         self, student: CropOutputs, teacher: CropOutputs, masks: torch.Tensor, temp: float
     ) -> torch.Tensor:
-        """Each global crop's masked patches against the teacher's patches of the same, unmasked crop."""
+        """Each global crop's masked patches against the teacher's patches of the same, unmasked crop;
+        both heads' outputs hold the masked positions only, in the order of ``tokens[masks]``."""
         temp = self.ibot_temp or temp
         t = teacher.patch_logits
         if self.sinkhorn:
-            probs = sinkhorn_knopp(t[masks], temp, self.sk_iterations, self.reduce)
-            full = torch.zeros_like(t, dtype=torch.float32)
-            full[masks] = probs
+            probs = sinkhorn_knopp(t, temp, self.sk_iterations, self.reduce)
         else:
-            full = teacher_patch_targets(t, self.patch.center, temp)
-        return ibot_patch_loss(student.patch_logits, full, masks, self.dino.student_temp)
+            probs = teacher_patch_targets(t, self.patch.center, temp)
+        weights = masked_token_weights(masks).to(t.device)
+        return ibot_token_loss(student.patch_logits, probs, weights, self.dino.student_temp)
 
     @torch.no_grad()
     def update(self, teachers: list[CropOutputs]) -> None:

@@ -17,6 +17,7 @@ from dino_train.models.wrapper import CropOutputs
 from dino_train.runtime.precision import autocast
 from dino_train.train.objective import LossTerms, Objective
 from dino_train.train.optim import apply_step_values, cancel_last_layer_grads, clip_gradients
+from dino_train.train.sharding import local_shards, reshard
 
 
 @dataclass
@@ -37,14 +38,16 @@ class TrainModules:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     init_note: str = ""  # what model.init_weights loaded, for the run's log
+    sharded: bool = False  # FSDP2 on student and teacher (train.sharding=fsdp)
 
     def __post_init__(self) -> None:
-        # Fixed lists, built once: the EMA and clipping walk them every step.
+        # Fixed lists, built once: the EMA and clipping walk them every step. Under FSDP the EMA lists
+        # hold each rank's local shards (aliases), teacher's over student's: the EMA gathers nothing.
         named = [(n, p) for n, p in self.student_plain.named_parameters()]
         teacher_params = dict(self.teacher.named_parameters())
-        self.student_params = [p for _, p in named]
-        self.teacher_params = [teacher_params[n] for n, _ in named]
-        self.trainable = [p for p in self.student_params if p.requires_grad]
+        self.student_params = local_shards(p for _, p in named)
+        self.teacher_params = local_shards(teacher_params[n] for n, _ in named)
+        self.trainable = [p for _, p in named if p.requires_grad]  # the parameters: their .grad is set
         is_backbone = [n.startswith("backbone.") for n, p in named if p.requires_grad]
         self.backbone_mask = torch.tensor(is_backbone, dtype=torch.bool)
 
@@ -57,11 +60,14 @@ def _forward(
     s: StepSettings,
 ) -> tuple[LossTerms, CropOutputs, CropOutputs]:
     """One micro-batch: (loss terms, student outputs, teacher outputs)."""
-    patches = m.objective.uses_patches
+    # iBOT's patch heads run on the masked positions only (the teacher's on its unmasked crops).
+    patches = masks if m.objective.uses_patches else None
     with autocast(s.precision, s.device):
         with torch.no_grad():
             teacher = m.teacher(crops[:2], patches=patches, outputs=True)  # global crops, never masked
-        student = m.student(crops, masks=masks, patches=patches, outputs=True)
+            if m.sharded:
+                reshard(m.teacher)
+        student = m.student(crops, masks=patches, patches=patches, outputs=True)
     # The loss runs outside autocast: its softmaxes and sums over 65k prototypes need fp32.
     return m.objective(student, teacher, masks, teacher_temp), student, teacher
 
