@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench lint
+.PHONY: setup demo demo-long test bench lint
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m launch.demo
+
+demo-long: $(STAMP)
+	$(PY) -m launch.demo --long
 
 test: $(STAMP)
 	$(PY) -m pytest -q

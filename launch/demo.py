@@ -36,7 +36,11 @@ TARGETS = {
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--long", action="store_true", help="the long demo (configs/demo_long.yaml, ~40 min)")
+    p.add_argument(
+        "--long",
+        action="store_true",
+        help="the long demo (configs/demo_long.yaml, 2480 steps, ~25 min on 2 cores)",
+    )
     p.add_argument("--config", type=Path, help="default: configs/demo.yaml, or demo_long.yaml with --long")
     p.add_argument(
         "--data-dir", type=Path, default=Path("data/embedded"), help="where the data set is written"

@@ -1,11 +1,14 @@
-"""The demo's promise: its DINO run on the embedded data set gives a teacher whose k-NN and linear-probe
-accuracy on the held-out split beat a randomly initialised backbone of the same shape, and the collapse
-detector stays quiet on it.
+"""The demo's promise: its DINO run on the embedded data set leaves the ln K plateau (the loss falls
+below it) and gives a teacher whose k-NN and linear-probe accuracy on the held-out split beat a randomly
+initialised backbone of the same shape, with the collapse detector quiet.
 
-Only the first half of the demo's schedule runs (310 of its 620 steps, ~100 s on 2 cores): the measured
-gains there are +10 k-NN and +9 linear-probe points; the first 186 steps show none yet (the teacher's
-output is still near uniform), so this is the shortest run that tests the claim.
+Only the first third of the demo's schedule runs (310 of its 992 steps, ~3 min on 2 cores). Measured in
+`make demo` (2026-12-05, 2-core AMD EPYC): the DINO loss 8.2 at step 150, 7.5 at step 300 (ln 4096 =
+8.32), k-NN k=20 52.6 at step 248 against 26.4 for random init.
 """
+
+import json
+import math
 
 import pytest
 
@@ -42,6 +45,14 @@ def test_demo_run_is_healthy(demo_half):
     result, _ = demo_half
     assert result.step == STEPS
     assert result.warnings == []
+
+
+def test_demo_loss_leaves_the_ln_k_plateau(demo_half):
+    result, _ = demo_half
+    rows = [json.loads(x) for x in (result.output_dir / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss_dino"] for r in rows if r["kind"] == "step" and r["step"] > STEPS - 50]
+    ln_k = math.log(4096)  # configs/demo.yaml's out_dim; a flat teacher and student give exactly ln K
+    assert sum(losses) / len(losses) < ln_k - 0.4, losses
 
 
 def test_dino_teacher_beats_random_init_on_knn(demo_half):
