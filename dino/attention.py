@@ -14,8 +14,8 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.transforms import functional as TF
 
-from dino.models import model_device
 from dino_train.data.transforms import BICUBIC
+from dino_train.runtime.device import model_device
 from eval.attention import denormalize, prepare_image, summarize, vit_patch_size
 from eval.visualize import attention_figure, open_image
 

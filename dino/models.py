@@ -24,12 +24,6 @@ def best_device() -> torch.device:
     return pick_device("auto")
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (the CPU for a model without parameters)."""
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 def load_backbone(
     path_or_name: str | Path,
     checkpoint_key: str = "teacher",

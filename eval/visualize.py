@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
 from dino_train.data import IMAGE_EXTENSIONS
-from dino_train.runtime.device import DeviceError, pick_device
+from dino_train.runtime.device import DeviceError, model_device, pick_device
 from dino_train.runtime.files import CheckpointError, check_writable_dir
 from dino_train.runtime.progress import use_progress_bar
 from eval.attention import (
@@ -121,10 +121,6 @@ def _figure(panels: Sequence[dict[str, Tensor]]) -> Figure:
     return fig
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def attention_figure(
     model: nn.Module, images: Sequence[Tensor], threshold: float = 0.6, block: int = -1
 ) -> Figure:
@@ -133,7 +129,7 @@ def attention_figure(
     p = vit_patch_size(model)
     panels = []
     for img in images:
-        x = (img if img.ndim == 4 else img[None]).to(_device_of(model))
+        x = (img if img.ndim == 4 else img[None]).to(model_device(model))
         panels.append(_panels(x, summarize(model, x, threshold, block), p))
     return _figure(panels)
 
@@ -153,7 +149,7 @@ def write_image_outputs(
     model: nn.Module, image: Tensor, out_dir: Path, threshold: float, block: int, side_by_side: bool
 ) -> list[Path]:
     """All per-image files for one normalised (1, 3, H, W) image; returns their paths."""
-    x = image.to(_device_of(model))
+    x = image.to(model_device(model))
     pan = _panels(x, summarize(model, x, threshold, block), vit_patch_size(model))
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
