@@ -127,12 +127,13 @@ def _modules(
 
 def _batches(args: argparse.Namespace, cfg, device: torch.device):
     if args.data:
+        from dino_train.data import crops_to_device
         from dino_train.train.build import build_loader
 
         loader, _ = build_loader(cfg.data, cfg.train.seed, DistEnv(), device)
         while True:
             for crops, _, _ in loader:
-                yield [c.to(device, non_blocking=True) for c in crops]
+                yield crops_to_device(crops, device)  # finishes RawCrops (augment_device=cuda) too
     sizes = [args.global_size] * 2 + [args.local_size] * args.local_crops
     crops = [torch.randn(args.batch, 3, s, s, device=device) for s in sizes]
     while True:
