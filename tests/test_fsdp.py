@@ -40,7 +40,7 @@ def fsdp_run(tiny_data, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("fsdp") / "run"
     over = tiny_overrides(tiny_data, out, *EXTRA, "train.sharding=fsdp", "train.max_steps=3")
     proc = torchrun(2, RANK_SCRIPT, str(out.parent / "dump.pt"), *over, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, _both_ends(proc.stderr)
     return out, torch.load(out.parent / "dump.pt", weights_only=True)
 
 
@@ -55,7 +55,7 @@ def test_fsdp_steps_equal_ddp_steps(fsdp_run, tiny_data, tmp_path):
     ddp_out = tmp_path / "ddp"
     over = tiny_overrides(tiny_data, ddp_out, *EXTRA, "train.max_steps=3")
     proc = torchrun(2, "dino_train/main.py", *over, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, _both_ends(proc.stderr)
     ddp = torch.load(ddp_out / "checkpoint.pth", weights_only=True)
     fsdp = torch.load(out / "checkpoint.pth", weights_only=True)
     assert fsdp["step"] == ddp["step"] == 3 and fsdp["world_size"] == 2
@@ -86,7 +86,7 @@ def test_fsdp_resumes_at_another_world_size(fsdp_run, tiny_data, tmp_path):
     shutil.copytree(src, out)
     over = tiny_overrides(tiny_data, out, *EXTRA, "train.sharding=fsdp", "train.max_steps=4")
     proc = torchrun(3, RANK_SCRIPT, str(tmp_path / "dump3.pt"), *over, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, _both_ends(proc.stderr)
     three = torch.load(tmp_path / "dump3.pt", weights_only=True)
     assert any("world size 2 -> 3" in n for n in three["notes"]), three["notes"]
     # What 3 processes restored from 2 processes' shards is exactly what the 2 held, optimizer included.
@@ -121,3 +121,9 @@ def test_what_fsdp_does_not_support_is_refused(tiny_data, tmp_path, extra, key):
 def test_a_ddp_checkpoint_is_not_restored_into_fsdp(tmp_path):
     with pytest.raises(CheckpointError, match="written with train.sharding=ddp"):
         restore_sharded(None, {"step": 3}, tmp_path / "checkpoint.pth")
+
+
+def _both_ends(stderr: str) -> str:
+    """The ranks' own messages come first, torchrun's summary last: show both (a rank once aborted at exit
+    with only "terminate called without an active exception" left in the tail)."""
+    return stderr if len(stderr) <= 6000 else f"{stderr[:3000]}\n[...]\n{stderr[-3000:]}"
