@@ -1,0 +1,65 @@
+"""The paper's attention-segmentation measure (eval/attention_jaccard.py, eval_attention): the Jaccard
+index by hand, the pixel alignment of the patch masks with the object masks, and the tool end to end on
+the embedded set's val images and their object masks."""
+
+import json
+
+import pytest
+import torch
+
+from eval import attention_eval
+from eval.attention import summarize, upsample
+from eval.attention_jaccard import attention_jaccard, folder_jaccard, jaccard
+from eval.loading import load_backbone
+
+
+def test_jaccard_by_hand():
+    a = torch.zeros(4, 4, dtype=torch.bool)
+    a[:2, :2] = True  # 4 pixels
+    b = torch.zeros(4, 4, dtype=torch.bool)
+    b[0] = True  # the top row: 2 shared pixels, 6 in the union
+    assert jaccard(a, b).item() == pytest.approx(2 / 6)
+    assert jaccard(a, a).item() == 1.0 and jaccard(a, ~a).item() == 0.0
+    empty = torch.zeros(4, 4, dtype=torch.bool)
+    assert jaccard(empty, empty).item() == 1.0  # nothing to find, nothing found
+    stacked = jaccard(torch.stack([a, b]), b)  # leading dims are kept: (2,)
+    assert stacked.shape == (2,) and stacked.tolist() == pytest.approx([2 / 6, 1.0])
+
+
+@pytest.fixture(scope="module")
+def vit(backbone_file):
+    model, _ = load_backbone(str(backbone_file))
+    return model.eval()
+
+
+def test_the_attention_masks_own_pixels_score_100_and_their_complement_0(vit):
+    """Target = the head-mean 60% mask itself, upsampled to pixels: the measure must give exactly 100
+    (and 0 for its complement), which fails if patch masks and pixel masks were misaligned."""
+    torch.manual_seed(0)
+    img = torch.randn(1, 3, 32, 40)  # 4 x 5 patches of 8 px: not square, to catch a transposed grid
+    own = upsample(summarize(vit, img).mean_mask, 8)[0, 0].bool()
+    assert 0 < own.sum() < own.numel()
+    assert attention_jaccard(vit, [img], [own]).mean == pytest.approx(100.0)
+    assert attention_jaccard(vit, [img], [~own]).mean == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="as many masks as images"):
+        attention_jaccard(vit, [img], [])
+
+
+def test_eval_attention_end_to_end(tiny_data, backbone_file, tmp_path, capsys):
+    images, masks = tiny_data / "val", tiny_data / "val_masks"
+    n_masks = len(list(masks.rglob("*.png")))
+    assert n_masks > 0
+    args = ["--checkpoint", str(backbone_file), "--images", str(images), "--masks", str(masks)]
+    assert attention_eval.main([*args, "--output-dir", str(tmp_path / "out")]) == 0
+    res = json.loads((tmp_path / "out" / "attention_jaccard.json").read_text())
+    assert res["images"] == n_masks  # only the images with a mask (the shape classes) are scored
+    assert len(res["per_head"]) == 3 and res["best_head"] == max(res["per_head"])
+    assert 0.0 <= res["mean"] <= 100.0 and res["threshold"] == 0.6
+    vit, _ = load_backbone(str(backbone_file))
+    assert folder_jaccard(vit.eval(), images, masks).mean == pytest.approx(res["mean"])
+    assert (tmp_path / "out" / "attention_jaccard.png").stat().st_size > 0
+    assert "attention Jaccard on" in capsys.readouterr().out
+    # A masks folder that matches no image is an input error (exit 2) naming both folders.
+    (tmp_path / "none").mkdir()
+    assert attention_eval.main([*args[:4], "--masks", str(tmp_path / "none")]) == 2
+    assert "has a mask at the same relative path" in capsys.readouterr().err
