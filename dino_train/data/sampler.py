@@ -16,7 +16,28 @@ from dino_train.data.datasets import UNREADABLE, DataError
 MAX_REPLACEMENTS = 64
 
 
-class ResumableSampler(Sampler):
+class EpochPosition:
+    """Where a loader stands in its epochs, as training's loop drives it: ``set_epoch`` starts an epoch at
+    its first batch, ``set_start_batch(k)`` resumes it after k batches. The subclass says how many batches
+    an epoch has (``batches_per_epoch``) and reads ``epoch`` and ``start_batch``."""
+
+    epoch: int = 0
+    start_batch: int = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.start_batch = epoch, 0
+
+    def set_start_batch(self, batch_index: int) -> None:
+        if not 0 <= batch_index <= self.batches_per_epoch:
+            raise ValueError(f"start batch {batch_index} is outside this epoch's 0..{self.batches_per_epoch}")
+        self.start_batch = batch_index
+
+
+class ResumableSampler(EpochPosition, Sampler):
     """Each epoch a permutation seeded by ``seed + epoch``; rank r takes every ``num_replicas``-th item.
 
     Yields ``(index, epoch)`` so the dataset can seed each sample's augmentation in whatever worker loads
@@ -36,14 +57,6 @@ class ResumableSampler(Sampler):
         self.n, self.replicas, self.rank = dataset_len, num_replicas, rank
         self.shuffle, self.seed, self.batch_size, self.drop_last = shuffle, seed, batch_size, drop_last
         self.epoch, self.start_batch = 0, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.start_batch = epoch, 0
-
-    def set_start_batch(self, batch_index: int) -> None:
-        if not 0 <= batch_index <= self.batches_per_epoch:
-            raise ValueError(f"start batch {batch_index} is outside this epoch's 0..{self.batches_per_epoch}")
-        self.start_batch = batch_index
 
     @property
     def batches_per_epoch(self) -> int:

@@ -41,7 +41,7 @@ from dino_train.data.loader import (
     collate_raw_crops,
     ignore_stop_signals,
 )
-from dino_train.data.sampler import MAX_REPLACEMENTS, mix_seed, seeded_call
+from dino_train.data.sampler import MAX_REPLACEMENTS, EpochPosition, mix_seed, seeded_call
 from dino_train.data.shard_index import ShardIndex, load_shard_index, pass_shards
 from dino_train.data.tensor_augment import TensorMultiCrop, load_rgb_draft
 from dino_train.data.transforms import MultiCropAugmentation
@@ -66,7 +66,7 @@ def raw_samples(paths: list[Path]) -> Iterator[dict[str, Any]]:
     return group_by_keys(tar_file_expander(opened(), handler=warn), handler=warn)
 
 
-class ShardStream(IterableDataset):
+class ShardStream(EpochPosition, IterableDataset):
     """Batches of this rank from the shards of ``index`` (see the module's docstring). It also plays
     the sampler's part for the training loop: ``set_epoch``, ``set_start_batch``, ``batches_per_epoch``.
 
@@ -96,14 +96,6 @@ class ShardStream(IterableDataset):
     @property
     def batches_per_epoch(self) -> int:
         return self.index.samples // (self.world_size * self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.start_batch = epoch, 0
-
-    def set_start_batch(self, batch_index: int) -> None:
-        if not 0 <= batch_index <= self.batches_per_epoch:
-            raise ValueError(f"start batch {batch_index} is outside this epoch's 0..{self.batches_per_epoch}")
-        self.start_batch = batch_index
 
     def consumed(self, batches_done: int) -> list[int]:
         """Samples each of this rank's W streams has handed out after ``batches_done`` batches."""
