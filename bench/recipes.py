@@ -55,7 +55,7 @@ def run_one(args: argparse.Namespace, name: str, overrides: list[str]) -> dict:
         return {"name": name, "overrides": overrides, "error": done.stderr.strip().splitlines()[-1:]}
     model, _ = load_backbone(out / "checkpoint.pth")
     torch.manual_seed(0)
-    size = int(_config(out)["data"]["global_crops_size"])
+    size = _score_size(_config(out))
     log = out / "log.jsonl"
     steps = _curve(log, "step")[-1] or 0
     return {
@@ -71,6 +71,11 @@ def run_one(args: argparse.Namespace, name: str, overrides: list[str]) -> dict:
     }
 
 
+def _score_size(saved: dict) -> int:
+    """The size the recipe's own k-NN monitor sees (monitor.knn_crop, else the global crop size)."""
+    return int(saved["monitor"].get("knn_crop") or saved["data"]["global_crops_size"])
+
+
 def _config(out: Path) -> dict:
     import yaml
 
@@ -81,7 +86,7 @@ def random_row(args: argparse.Namespace, overrides: list[str]) -> dict:
     """The floor: a randomly initialised backbone of the recipe's shape, scored the same way."""
     import torch
 
-    from dino_train.config import load_config, position_grid_size
+    from dino_train.config import knn_sizes, load_config, position_grid_size
     from dino_train.models import build_from_spec, model_spec
     from eval.scorecard import score_backbone
 
@@ -91,7 +96,7 @@ def random_row(args: argparse.Namespace, overrides: list[str]) -> dict:
     return {
         "name": "random init",
         "overrides": overrides,
-        **score_backbone(model, args.data, cfg.data.global_crops_size),
+        **score_backbone(model, args.data, knn_sizes(cfg)[1]),
     }
 
 
