@@ -86,11 +86,14 @@ def random_row(args: argparse.Namespace, overrides: list[str]) -> dict:
     """The floor: a randomly initialised backbone of the recipe's shape, scored the same way."""
     import torch
 
-    from dino_train.config import knn_sizes, load_config, position_grid_size
+    from dino_train.config import ConfigError, knn_sizes, load_config, position_grid_size
     from dino_train.models import build_from_spec, model_spec
     from eval.scorecard import score_backbone
 
-    cfg = load_config(args.config, [f"data.path={args.data}", *overrides])
+    try:
+        cfg = load_config(args.config, [f"data.path={args.data}", *overrides])
+    except ConfigError as e:  # the recipe's own run will say the same; the sweep goes on
+        return {"name": "random init", "overrides": overrides, "error": [str(e)]}
     torch.manual_seed(cfg.train.seed + 1)
     model = build_from_spec(model_spec(cfg.model, position_grid_size(cfg))).eval()
     return {

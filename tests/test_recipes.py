@@ -49,3 +49,11 @@ def test_two_recipes_are_trained_scored_and_resumed(tiny_data, tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert "== base" not in again.stdout and "== small" not in again.stdout
     assert len(json.loads((tmp_path / "rows.json").read_text())) == 3
+
+
+def test_a_bad_override_is_a_row_not_a_crash(tiny_data, tmp_path):
+    done = sweep(tiny_data, tmp_path, "--recipe", f"bad={TINY} monitor.knn_every_epochs=0")
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [r["name"] for r in rows] == ["random init", "bad"]
+    assert all("monitor.knn_every_epochs" in r["error"][-1] for r in rows), rows
