@@ -113,8 +113,12 @@ def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted(tiny_data, t
     for pid in descendants(proc.pid):
         os.kill(pid, signal.SIGKILL)
     proc.communicate(timeout=30)
-    done = torch.load(out / "checkpoint.pth", weights_only=True)["step"]
-    assert 1 <= done < 30, f"killed at step {done}, after the end"
+    # A kill during step 1 (logged before its checkpoint is written) may leave no checkpoint at all: the
+    # run then starts afresh, and must still end where the uninterrupted one did.
+    saved = out / "checkpoint.pth"
+    assert saved.exists() or kill_at == 1, f"no checkpoint after step {kill_at}"
+    done = torch.load(saved, weights_only=True)["step"] if saved.exists() else 0
+    assert done < 30, f"killed at step {done}, after the end"
     resumed = train(load_config(None, tiny_overrides(tiny_data, out, *extra)))
     assert resumed.step == 30
     for a, b in ((reference.teacher, resumed.teacher), (reference.student, resumed.student)):
