@@ -1,6 +1,6 @@
 """One backbone's scores on a labelled train/ + val/ folder, as the demo and the recipe sweep report
-them: weighted k-NN (k = 10, 20), a linear probe on cached features, and, for a ViT on a folder with
-``val_masks/``, the attention Jaccard of the paper.
+them: weighted k-NN (k = 10, 20), a linear probe on cached, standardised features, and, for a ViT on a
+folder with ``val_masks/``, the attention Jaccard of the paper.
 
 The scorecard sees the whole image: it resizes to ``size`` and centre-crops ``size`` (``eval_knn
 --resize 64 --crop 64`` on the 64 px embedded set), where every tool's default, the release's
@@ -35,6 +35,19 @@ def sizes_line(size: int) -> str:
     )
 
 
+def standardize(
+    train: torch.Tensor, val: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both splits' features shifted and scaled by the train split's per-dimension mean and std.
+
+    Why: the concatenated blocks' CLS tokens differ in scale by orders of magnitude between dimensions,
+    and one learning rate cannot suit them all; a fixed affine map of the inputs keeps the classifier
+    linear in the features (it folds into the weights) but conditions its training (MAE's linear probe
+    puts a BatchNorm without affine parameters before the classifier for the same reason)."""
+    mean, std = train.mean(0), train.std(0) + eps
+    return (train - mean) / std, (val - mean) / std
+
+
 def evaluate_linear(
     backbone: torch.nn.Module,
     train_root: str | Path,
@@ -47,8 +60,10 @@ def evaluate_linear(
     crop: int = 224,
     batch_size: int = 128,
     device: torch.device | str = "cpu",
+    standardized: bool = True,
 ) -> float:
-    """Val top-1 % of one linear probe on cached centre-crop features (``--cached-features``), last epoch.
+    """Val top-1 % of one linear probe on cached centre-crop features (``--cached-features``), last epoch,
+    on features standardised by the train split's statistics (``standardized``, see :func:`standardize`).
 
     n_last_blocks/avgpool default to the release's variant for the backbone's width. ``lr`` is for a
     batch of 256; the release's 0.001 is tuned for ImageNet's thousands of steps per epoch, a few thousand
@@ -73,6 +88,8 @@ def evaluate_linear(
             fn=lambda m, x: backbone_tokens(m, x, n).flatten(1),
         )
         splits += [variant_features(tokens.view(len(labels), n + 1, -1), n, pool), data.remap(ds, labels)]
+    if standardized:
+        splits[0], splits[2] = standardize(splits[0], splits[2])
     _, tracker = train_probe_in_memory(*splits, len(data.classes), epochs, lr, batch_size, device=device)
     return float(tracker.last(0)["top1"])
 

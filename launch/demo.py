@@ -161,7 +161,7 @@ def print_report(report: dict[str, Any], targets: dict[str, float]) -> None:
     scores = report["scores"]
     print(
         f"\non the held-out split after {report['steps']} steps (top-1 %; linear: last blocks' CLS tokens, "
-        "cached features; Jaccard: head-mean attention's 60% mask vs the object, shape classes):"
+        "standardised, cached; Jaccard: head-mean attention's 60% mask vs the object, shape classes):"
     )
     print(f"{'':>18} | {'random init':>11} | {'DINO teacher':>12} | target")
     for row, value in scores["DINO teacher"].items():
