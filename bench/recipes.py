@@ -37,6 +37,7 @@ def run_one(args: argparse.Namespace, name: str, overrides: list[str]) -> dict:
     """Train one recipe in a child process, then score its teacher here."""
     import torch
 
+    from dino_train.config import knn_sizes, load_config
     from eval.loading import load_backbone
     from eval.scorecard import score_backbone
 
@@ -55,7 +56,7 @@ def run_one(args: argparse.Namespace, name: str, overrides: list[str]) -> dict:
         return {"name": name, "overrides": overrides, "error": done.stderr.strip().splitlines()[-1:]}
     model, _ = load_backbone(out / "checkpoint.pth")
     torch.manual_seed(0)
-    size = _score_size(_config(out))
+    size = knn_sizes(load_config(out / "config.yaml"))[1]  # what the recipe's own k-NN monitor sees
     log = out / "log.jsonl"
     steps = _curve(log, "step")[-1] or 0
     return {
@@ -69,17 +70,6 @@ def run_one(args: argparse.Namespace, name: str, overrides: list[str]) -> dict:
         "warnings": sum('"kind": "warning"' in x for x in log.read_text().splitlines()),
         **score_backbone(model, args.data, size),
     }
-
-
-def _score_size(saved: dict) -> int:
-    """The size the recipe's own k-NN monitor sees (monitor.knn_crop, else the global crop size)."""
-    return int(saved["monitor"].get("knn_crop") or saved["data"]["global_crops_size"])
-
-
-def _config(out: Path) -> dict:
-    import yaml
-
-    return yaml.safe_load((out / "config.yaml").read_text())
 
 
 def random_row(args: argparse.Namespace, overrides: list[str]) -> dict:
