@@ -90,17 +90,26 @@ def paired_files(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def folder_jaccard(
-    model: nn.Module, images_dir: Path, masks_dir: Path, image_size: int | None = None, threshold: float = 0.6
-) -> JaccardResult:
-    """``attention_jaccard`` over the images of a folder that have a mask in ``masks_dir``; ``image_size``
-    resizes the short side (None: as stored), as ``visualize_attention`` does."""
-    p = vit_patch_size(model)
+def load_masked_images(
+    images_dir: Path, masks_dir: Path, patch: int, image_size: int | None = None
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The images of a folder that have a mask in ``masks_dir``, normalised (1, 3, H, W) and cropped to
+    whole patches, and their bool masks at the same size; ``image_size`` resizes the short side (None: as
+    stored), as ``visualize_attention`` does."""
     images, masks = [], []
     for img_path, mask_path in paired_files(Path(images_dir), Path(masks_dir)):
         img = load_rgb(img_path)
         if image_size:
             img = TF.resize(img, image_size, interpolation=BICUBIC)
-        images.append(prepare_image(img, None, p))
-        masks.append(_load_mask(mask_path, img.size, p))
+        images.append(prepare_image(img, None, patch))
+        masks.append(_load_mask(mask_path, img.size, patch))
+    return images, masks
+
+
+def folder_jaccard(
+    model: nn.Module, images_dir: Path, masks_dir: Path, image_size: int | None = None, threshold: float = 0.6
+) -> JaccardResult:
+    """``attention_jaccard`` over the images of a folder that have a mask in ``masks_dir`` (see
+    :func:`load_masked_images`)."""
+    images, masks = load_masked_images(images_dir, masks_dir, vit_patch_size(model), image_size)
     return attention_jaccard(model, images, masks, threshold)

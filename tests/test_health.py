@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -13,10 +14,16 @@ import torch
 
 from dino_train.config import load_config
 from dino_train.core.metrics import dino_metrics, feature_std
+from dino_train.data.embedded import SHAPE_CLASSES
+from dino_train.models import build_backbone
 from dino_train.monitor.health import CollapseDetector
+from dino_train.monitor.logger import Monitor
+from dino_train.monitor.periodic import PeriodicJaccard
 from dino_train.monitor.report import main as report_main
 from dino_train.runtime.distributed import free_port
 from dino_train.train import train
+from eval.attention_jaccard import folder_jaccard
+from eval.loading import load_backbone
 from tests.conftest import tiny_overrides
 
 
@@ -167,6 +174,35 @@ def test_healthy_run_logs_metrics_knn_and_no_warning(healthy_run):
 
 
 @pytest.mark.slow
+def test_the_monitor_logs_the_attention_jaccard_of_the_teacher(healthy_run, tiny_data):
+    """knn_data has val_masks/: each k-NN epoch also logs the Jaccard, and the last one is what
+    eval_attention's measure gives for the saved teacher at the monitor's size (32 px here)."""
+    out, _ = healthy_run
+    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if '"kind": "jaccard"' in x]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert all(r["images"] == 2 * len(SHAPE_CLASSES) and len(r["per_head"]) == 3 for r in rows)
+    teacher, _ = load_backbone(out / "checkpoint.pth")
+    expected = folder_jaccard(teacher.eval(), tiny_data / "val", tiny_data / "val_masks", image_size=32)
+    assert rows[-1]["mean"] == pytest.approx(expected.mean, abs=1e-4)
+    assert rows[-1]["per_head"] == pytest.approx(expected.per_head, abs=1e-4)
+
+
+def test_the_jaccard_hook_needs_masks_and_a_vit(tiny_data, tmp_path):
+    cfg = load_config(None, tiny_overrides(tiny_data, tmp_path / "run", f"monitor.knn_data={tiny_data}"))
+    monitor = Monitor(tmp_path, enabled=False, total_steps=1)
+    vit = build_backbone("vit_tiny", 8, 32)
+    hook = PeriodicJaccard.for_run(cfg, monitor, vit)
+    assert hook is not None and len(hook.images) == len(hook.masks) == 2 * len(SHAPE_CLASSES)
+    assert hook.images[0].shape == (1, 3, 32, 32) and hook.masks[0].shape == (32, 32)
+    assert PeriodicJaccard.for_run(cfg, monitor, build_backbone("resnet18", 16, 32)) is None
+    no_masks = tmp_path / "plain"
+    for split in ("train", "val"):
+        shutil.copytree(tiny_data / split, no_masks / split)
+    plain = load_config(None, tiny_overrides(tiny_data, tmp_path / "run", f"monitor.knn_data={no_masks}"))
+    assert PeriodicJaccard.for_run(plain, monitor, vit) is None
+
+
+@pytest.mark.slow
 def test_tensorboard_serves_the_scalars(healthy_run):
     out, _ = healthy_run
     port = free_port()
@@ -206,6 +242,8 @@ def test_tensorboard_serves_the_scalars(healthy_run):
             "grad/grad_norm_head",
             "speed/images_per_s",
             "knn/knn_top1_k5",
+            "attention/jaccard_mean",
+            "attention/jaccard_head0",
         ):
             assert tag in run_tags, tag
         images = get_json(f"{base}/data/plugin/images/tags")
@@ -228,6 +266,7 @@ def test_report_from_a_real_run(healthy_run, capsys):
     assert report_main([str(out)]) == 0
     text = capsys.readouterr().out
     assert "steps:          15" in text and "best k-NN:" in text and "warnings:       0" in text
+    assert "attention Jaccard: " in text and "(head mean, epoch 2 (3 completed))" in text
     png = out / "report.png"
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
     assert report_main([str(out / "nope")]) == 2

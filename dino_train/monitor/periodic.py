@@ -1,6 +1,6 @@
-"""Evaluation during pretraining, through ``eval``'s primitives: k-NN accuracy of the teacher and its
-attention maps in TensorBoard, each every few epochs, so quality (and collapse) shows while the run goes
-on, without a separate job."""
+"""Evaluation during pretraining, through ``eval``'s primitives: k-NN accuracy of the teacher, the
+attention Jaccard against object masks where the k-NN data has them, and attention maps in TensorBoard,
+each every few epochs, so quality (and collapse) shows while the run goes on, without a separate job."""
 
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ from torch import Tensor, nn
 
 from dino_train.config import Config, knn_sizes
 from dino_train.data import DataError, ImageDataset, eval_transform
+from dino_train.data.embedded import MASKS
+from dino_train.models.backbone import NotAViTError
 from dino_train.monitor.logger import Monitor
-from eval.attention import colorize, denormalize, summarize, upsample
+from eval.attention import colorize, denormalize, summarize, upsample, vit_patch_size
+from eval.attention_jaccard import attention_jaccard, load_masked_images
 from eval.common import class_folders
 from eval.knn_eval import classify_bank, extract_bank
 
@@ -61,6 +64,46 @@ class PeriodicKNN(EpochHook):
         self.monitor.record("knn", state.step, {"epoch": epoch, **top1, **top5})
         shown = ", ".join(f"k={k}: {a[0]:.1f}%" for k, a in accuracy.items())
         self.monitor.message(f"epoch {epoch}: k-NN top-1 {shown}")
+
+
+@dataclass
+class PeriodicJaccard(EpochHook):
+    """The paper's attention Jaccard (the head-mean 60% mask against the object mask, and each head's) of
+    the teacher on the val/ images of ``monitor.knn_data`` that have a mask in its val_masks/, at the
+    k-NN's epochs, the images resized to the k-NN's crop size (rank 0; ViT backbones only). It shows
+    whether the attention settles on the objects as the run goes on, as k-NN shows the features."""
+
+    cfg: Config
+    monitor: Monitor
+    images: list[Tensor]
+    masks: list[Tensor]
+
+    @classmethod
+    def for_run(cls, cfg: Config, monitor: Monitor, backbone: nn.Module) -> PeriodicJaccard | None:
+        """The hook when ``monitor.knn_data`` has a ``val_masks/`` folder and the backbone is a ViT;
+        otherwise None (no masks, nothing to measure)."""
+        root = Path(cfg.monitor.knn_data)
+        if not cfg.monitor.knn_data or not (root / MASKS).is_dir():
+            return None
+        try:
+            patch = vit_patch_size(backbone)
+        except NotAViTError:
+            return None
+        images, masks = load_masked_images(root / "val", root / MASKS, patch, knn_sizes(cfg)[1])
+        return cls(cfg, monitor, images, masks)
+
+    def after_epoch(self, state: TrainState, epoch: int) -> None:
+        if (epoch + 1) % self.cfg.monitor.knn_every_epochs:
+            return
+        result = attention_jaccard(state.mods.teacher.backbone, self.images, self.masks)
+        heads = {f"jaccard_head{i}": v for i, v in enumerate(result.per_head)}
+        self.monitor.scalars(state.step, {"jaccard_mean": result.mean, **heads}, prefix="attention")
+        self.monitor.record("jaccard", state.step, {"epoch": epoch, **result.as_dict()})
+        per_head = " / ".join(f"{v:.1f}" for v in result.per_head)
+        self.monitor.message(
+            f"epoch {epoch}: attention Jaccard {result.mean:.1f}% (head mean; per head {per_head}) "
+            f"on {result.images} masked val images"
+        )
 
 
 def fixed_images(folder: str | Path, size: int, limit: int = 4) -> Tensor:

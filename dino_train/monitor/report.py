@@ -17,11 +17,17 @@ from eval.cli import HelpFormatter
 
 
 def read_log(run_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
-    """The records of ``<run_dir>/log.jsonl`` by kind (step, epoch, knn, warning)."""
+    """The records of ``<run_dir>/log.jsonl`` by kind (step, epoch, knn, jaccard, warning)."""
     path = Path(run_dir) / "log.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: is {run_dir} a training output folder?")
-    kinds: dict[str, list[dict[str, Any]]] = {"step": [], "epoch": [], "knn": [], "warning": []}
+    kinds: dict[str, list[dict[str, Any]]] = {
+        "step": [],
+        "epoch": [],
+        "knn": [],
+        "jaccard": [],
+        "warning": [],
+    }
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -49,6 +55,7 @@ def summarize(kinds: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         for key, value in rec.items():
             if key.startswith("knn_top1_k") and (best_knn is None or value > best_knn[1]):
                 best_knn = (int(key.removeprefix("knn_top1_k")), value, rec["epoch"])
+    jaccard = kinds["jaccard"]
     return {
         "steps": steps[-1]["step"] if steps else 0,
         "last_loss": steps[-1]["loss"] if steps else None,
@@ -56,6 +63,13 @@ def summarize(kinds: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         "best_knn": None
         if best_knn is None
         else {"k": best_knn[0], "top1": best_knn[1], "epoch": best_knn[2]},
+        "last_jaccard": None
+        if not jaccard
+        else {
+            "mean": jaccard[-1]["mean"],
+            "per_head": jaccard[-1]["per_head"],
+            "epoch": jaccard[-1]["epoch"],
+        },
         "warnings": [w["message"] for w in kinds["warning"]],
         "skipped_files": sum(r.get("skipped_files", 0) for r in kinds["epoch"]),
     }
@@ -91,7 +105,16 @@ def plot(kinds: dict[str, list[dict[str, Any]]], out: str | Path) -> Path:
     ks = sorted({k for r in kinds["knn"] for k in r if k.startswith("knn_top1_k")})
     for key in ks:
         ax.plot([r["step"] for r in kinds["knn"]], [r[key] for r in kinds["knn"]], marker="o", label=key)
-    ax.set_title("k-NN top-1 %" if ks else "k-NN top-1 % (monitor.knn_data not set)")
+    jaccard = kinds["jaccard"]
+    if jaccard:
+        ax.plot(
+            [r["step"] for r in jaccard], [r["mean"] for r in jaccard], marker="s", label="attention Jaccard"
+        )
+    ax.set_title(
+        "k-NN top-1 %" + (" and attention Jaccard %" if jaccard else "")
+        if ks
+        else "k-NN top-1 % (monitor.knn_data not set)"
+    )
     ax.set_xlabel("step")
     if ks:
         ax.legend(fontsize=7)
@@ -125,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         if knn
         else "best k-NN:      -"
     )
+    jac = s["last_jaccard"]
+    if jac:
+        print(f"attention Jaccard: {jac['mean']:.1f}% (head mean, {epoch_label(jac['epoch'])})")
     print(f"skipped images: {s['skipped_files']}")
     print(f"warnings:       {len(s['warnings'])}")
     for w in s["warnings"]:

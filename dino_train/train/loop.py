@@ -19,7 +19,7 @@ from dino_train.models.backbone import patch_size_of
 from dino_train.models.masking import sample_masks
 from dino_train.monitor.health import CollapseDetector
 from dino_train.monitor.logger import Monitor
-from dino_train.monitor.periodic import AttentionImages, PeriodicKNN
+from dino_train.monitor.periodic import AttentionImages, PeriodicJaccard, PeriodicKNN
 from dino_train.runtime import distributed as D
 from dino_train.runtime.device import pick_device
 from dino_train.runtime.files import check_writable_dir
@@ -155,6 +155,9 @@ class Run:
         ]
         if cfg.monitor.knn_data:
             hooks.append(PeriodicKNN(cfg, monitor, self.ctx.device))
+            teacher = self.state.mods.teacher.backbone
+            if env.is_main and (jaccard := PeriodicJaccard.for_run(cfg, monitor, teacher)) is not None:
+                hooks.append(jaccard)
         if cfg.monitor.attention_images and env.is_main:
             hooks.append(AttentionImages(cfg, monitor))
         saver = ShardedCheckpoints if self.state.mods.sharded else Checkpoints  # FSDP: every rank saves
