@@ -3,6 +3,7 @@
     eval_linear --checkpoint runs/dino/checkpoint.pth --data /data/imagenet --output-dir runs/linear
     eval_linear ... --lr 0.01 0.1 1 --n-last-blocks 1 4 --avgpool both          # 12 probes, one pass
     eval_linear ... --cached-features --epochs 20                               # fast, no augmentation
+    eval_linear ... --cached-features --standardize --lr 0.3 --epochs 50        # the demo's scorecard probe
     eval_linear ... --evaluate --classifier runs/linear/linear_best.pth
     torchrun --nproc_per_node=2 -m eval.linear_eval ...
 
@@ -49,6 +50,7 @@ from eval.linear_model import (
     LinearGrid,
     backbone_tokens,
     default_variant,
+    feature_stats,
     max_blocks,
 )
 from eval.linear_report import evaluate_only, finish
@@ -96,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_size_args(p)
     p.add_argument(
         "--cached-features", action="store_true", help="train on centre-crop features, no augmentation"
+    )
+    p.add_argument(
+        "--standardize",
+        action="store_true",
+        help="train on features shifted and scaled by the train split's per-dimension mean and std "
+        "(centre crops); the saved probes fold it in and take raw features. Off: the release's probe",
     )
     p.add_argument("--seed", type=int, default=0, help="classifier init and data order")
     p.add_argument("--output-dir", default="runs/linear", help="results, probes, checkpoint, TensorBoard")
@@ -147,11 +155,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         val_tf = eval_transform(resize=resize, crop=crop)
         train_tf = val_tf if args.cached_features else train_transform(crop)
         data = class_folders(*split_roots(args.data), train_tf, val_tf)
+        # The centre-crop train split: the cached features, and the statistics of --standardize.
+        centre = (
+            data.train
+            if args.cached_features
+            else class_folders(*split_roots(args.data), val_tf, val_tf).train
+        )
         if args.evaluate:
             bank = partial(token_bank, backbone, args=args, device=device)  # (dataset, n) -> tokens, labels
             evaluate_only(args, info, data, bank, env.is_main, settings_record(args, device, env.world_size))
         else:
-            _train(args, backbone, info, data, device, env.rank, env.world_size)
+            _train(args, backbone, info, data, centre, device, env.rank, env.world_size)
         barrier()
     except (CheckpointError, DataError, SystemExit) as err:
         raise input_error(err) from None  # "error: ..." on stderr, exit status 2
@@ -165,14 +179,22 @@ def _train(
     backbone: torch.nn.Module,
     info: dict[str, Any],
     data: ClassFolders,
+    centre: Any,
     device: torch.device,
     rank: int,
     world: int,
 ) -> None:
+    """``centre``: the train split at the val transform (``data.train`` itself with --cached-features)."""
     out = Path(args.output_dir)
     points = make_grid_points(args, int(info["embed_dim"]), max_blocks(backbone))
+    n_max = max(p.n_last_blocks for p in points)
+    train_bank = None
+    if args.cached_features or args.standardize:
+        tokens, labels = token_bank(backbone, centre, n_max, args, device)
+        train_bank = (tokens, data.remap(centre, labels))
+    stats = feature_stats(train_bank[0]) if args.standardize else None
     torch.manual_seed(args.seed)
-    grid = LinearGrid(points, int(info["embed_dim"]), len(data.classes)).to(device)
+    grid = LinearGrid(points, int(info["embed_dim"]), len(data.classes), stats).to(device)
     total_batch = args.batch_size * world
     optimizer, scheduler = probe_optimizer(grid, total_batch, args.epochs)
     tracker = Tracker(len(points))
@@ -182,6 +204,7 @@ def _train(
         "epochs": args.epochs,
         "total_batch": total_batch,
         "cached_features": args.cached_features,
+        "standardize": args.standardize,
         "backbone": f"{info['path']} [{info.get('checkpoint_key') or 'backbone'}]",
     }
     start_epoch = resume_probes(
@@ -195,6 +218,7 @@ def _train(
             args,
             backbone,
             data,
+            train_bank,
             grid,
             optimizer,
             scheduler,
@@ -215,6 +239,7 @@ def _fit(
     args: argparse.Namespace,
     backbone: torch.nn.Module,
     data: ClassFolders,
+    train_bank: tuple[torch.Tensor, torch.Tensor] | None,
     grid: LinearGrid,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
@@ -225,12 +250,13 @@ def _fit(
     rank: int,
     world: int,
 ) -> None:
-    """Train from ``start_epoch`` to the end, validating and checkpointing (rank 0) after every epoch."""
+    """Train from ``start_epoch`` to the end, validating and checkpointing (rank 0) after every epoch.
+    ``train_bank``: the centre-crop train token stacks and labels (used with --cached-features)."""
     out, points = Path(args.output_dir), grid.points
     val_tokens, val_labels = token_bank(backbone, data.val, grid.n_max, args, device)
     val_labels = data.remap(data.val, val_labels)
     if args.cached_features:
-        train_tokens, train_labels = token_bank(backbone, data.train, grid.n_max, args, device)
+        train_tokens, train_labels = train_bank
     else:
         loader = image_loader(
             data.train, args.batch_size, args.num_workers, args.seed, rank, world, device.type == "cuda"

@@ -80,25 +80,71 @@ def new_linear(in_dim: int, num_classes: int) -> nn.Linear:
     return layer
 
 
-class LinearGrid(nn.Module):
-    """One linear classifier per grid point; forward maps a token stack to a list of logits (B, C)."""
+def feature_stats(train: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std (+ ``eps``) of training features over their first dim: (N, ...) ->
+    two (...) tensors. The standardisation ``(x - mean) / std`` of the probes (``--standardize``, the
+    scorecard): the concatenated blocks' CLS tokens differ in scale by orders of magnitude between
+    dimensions and one learning rate cannot suit them all; a fixed affine map of the inputs keeps the
+    classifier linear in the features (it folds into the weights) but conditions its training (MAE's probe
+    puts a BatchNorm without affine parameters before the classifier for the same reason)."""
+    return train.mean(0), train.std(0) + eps
 
-    def __init__(self, points: list[GridPoint], embed_dim: int, num_classes: int):
+
+class LinearGrid(nn.Module):
+    """One linear classifier per grid point; forward maps a token stack to a list of logits (B, C).
+
+    With ``stats`` (the shift and scale of each token slot, (n_max + 1, D), from :func:`feature_stats` of
+    the training token stacks) the classifiers see standardised tokens; :meth:`head_state` folds that map
+    into each classifier's weights, so every saved probe is a plain Linear on the raw features."""
+
+    def __init__(
+        self,
+        points: list[GridPoint],
+        embed_dim: int,
+        num_classes: int,
+        stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
         super().__init__()
         self.points = list(points)
         self.heads = nn.ModuleList(
             new_linear((p.n_last_blocks + p.avgpool) * embed_dim, num_classes) for p in self.points
         )
+        self.shift: torch.Tensor | None
+        self.scale: torch.Tensor | None
+        self.register_buffer("shift", None)  # None buffers stay out of the state dict
+        self.register_buffer("scale", None)
+        if stats is not None:
+            shift, scale = stats
+            if shift.shape != (self.n_max + 1, embed_dim) or scale.shape != shift.shape:
+                raise ValueError(
+                    f"stats must be two ({self.n_max + 1}, {embed_dim}) tensors (one row per token slot); "
+                    f"got {tuple(shift.shape)}, {tuple(scale.shape)}"
+                )
+            self.register_buffer("shift", shift.detach().float().clone())
+            self.register_buffer("scale", scale.detach().float().clone())
 
     @property
     def n_max(self) -> int:
         return max(p.n_last_blocks for p in self.points)
 
     def forward(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        if self.shift is not None:
+            tokens = (tokens - self.shift) / self.scale
         return [
             head(variant_features(tokens, p.n_last_blocks, p.avgpool))
             for p, head in zip(self.points, self.heads, strict=True)
         ]
+
+    def head_state(self, i: int) -> dict[str, torch.Tensor]:
+        """Classifier ``i`` as the state of a Linear on raw (unstandardised) features, on the CPU:
+        W (x - m) / s + b = (W / s) x + (b - W (m / s))."""
+        head, p = self.heads[i], self.points[i]
+        weight, bias = head.weight.detach().cpu(), head.bias.detach().cpu()
+        if self.shift is None:
+            return {"weight": weight.clone(), "bias": bias.clone()}
+        m = variant_features(self.shift.cpu()[None], p.n_last_blocks, p.avgpool)[0]
+        s = variant_features(self.scale.cpu()[None], p.n_last_blocks, p.avgpool)[0]
+        return {"weight": weight / s, "bias": bias - weight @ (m / s)}
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:

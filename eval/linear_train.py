@@ -7,7 +7,6 @@ keeps every rank's classifiers identical without DDP's bucketing machinery).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -160,9 +159,7 @@ class Tracker:
             best = self.best(i)
             self.history[i].append({"epoch": epoch, **acc})
             if best is None or acc["top1"] > best["top1"]:
-                self.best_states[i] = copy.deepcopy(
-                    {k: v.cpu() for k, v in grid.heads[i].state_dict().items()}
-                )
+                self.best_states[i] = grid.head_state(i)  # on raw features: saved as is
 
     def best(self, i: int) -> dict[str, Any] | None:
         """The first epoch with the highest top-1 (ties keep the earlier epoch)."""
@@ -192,6 +189,9 @@ def train_transform(crop: int) -> transforms.Compose:
     )
 
 
+_ADDED_SETTINGS = {"standardize": False}
+
+
 def resume_probes(
     path: Path,
     settings: dict[str, Any],
@@ -205,7 +205,8 @@ def resume_probes(
     if disabled or not path.is_file():
         return 0
     state = torch.load(path, map_location="cpu", weights_only=True)
-    differs = [k for k in settings if state.get(k) != settings[k]]
+    # A setting added later is absent from older checkpoints, which ran with its default.
+    differs = [k for k in settings if state.get(k, _ADDED_SETTINGS.get(k)) != settings[k]]
     if differs:
         raise SystemExit(
             f"error: {path} is from a run with different {', '.join(differs)}; "

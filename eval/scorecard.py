@@ -20,7 +20,13 @@ from eval.common import class_folders
 from eval.defaults import resize_for
 from eval.features import extract_features
 from eval.knn_eval import evaluate_knn
-from eval.linear_model import backbone_tokens, default_variant, max_blocks, variant_features
+from eval.linear_model import (
+    backbone_tokens,
+    default_variant,
+    feature_stats,
+    max_blocks,
+    variant_features,
+)
 from eval.linear_train import train_probe_in_memory
 
 MASKS = "val_masks"
@@ -38,13 +44,9 @@ def sizes_line(size: int) -> str:
 def standardize(
     train: torch.Tensor, val: torch.Tensor, eps: float = 1e-6
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both splits' features shifted and scaled by the train split's per-dimension mean and std.
-
-    Why: the concatenated blocks' CLS tokens differ in scale by orders of magnitude between dimensions,
-    and one learning rate cannot suit them all; a fixed affine map of the inputs keeps the classifier
-    linear in the features (it folds into the weights) but conditions its training (MAE's linear probe
-    puts a BatchNorm without affine parameters before the classifier for the same reason)."""
-    mean, std = train.mean(0), train.std(0) + eps
+    """Both splits' features shifted and scaled by the train split's per-dimension mean and std
+    (:func:`eval.linear_model.feature_stats`, which says why)."""
+    mean, std = feature_stats(train, eps)
     return (train - mean) / std, (val - mean) / std
 
 

@@ -230,3 +230,52 @@ def test_eval_linear_evaluates_a_release_format_classifier(tiny_data, backbone_f
     assert (ev["top1"], ev["top5"]) == (res["top1"], res["top5"])
     with pytest.raises(SystemExit, match="takes 192-d features but n_last_blocks=4"):
         linear_eval.main(_linear_args(tiny_data, backbone_file, tmp_path, *evaluate[:-1], "4"))
+
+
+def test_a_standardised_grid_folds_into_plain_probes_on_raw_features():
+    from eval.linear_model import GridPoint, LinearGrid, feature_stats, variant_features
+
+    torch.manual_seed(0)
+    tokens = torch.randn(64, 4, 8) * torch.logspace(-3, 2, 8) + torch.randn(8) * 5  # scales far apart
+    points = [GridPoint(0.1, n, pool) for n in (1, 3) for pool in (False, True)]
+    grid = LinearGrid(points, 8, 5, feature_stats(tokens))
+    shift, scale = tokens.mean(0), tokens.std(0) + 1e-6
+    for i, (p, logits) in enumerate(zip(points, grid(tokens), strict=True)):
+        # What the classifier sees: the standardised token slots, selected as the variant selects them.
+        z = variant_features((tokens - shift) / scale, p.n_last_blocks, p.avgpool)
+        torch.testing.assert_close(logits, z @ grid.heads[i].weight.T + grid.heads[i].bias)
+        state = grid.head_state(i)
+        raw = variant_features(tokens, p.n_last_blocks, p.avgpool) @ state["weight"].T + state["bias"]
+        torch.testing.assert_close(raw, logits, atol=1e-4, rtol=1e-4)
+    plain = LinearGrid(points, 8, 5)
+    assert torch.equal(plain.head_state(0)["weight"], plain.heads[0].weight)
+    with pytest.raises(ValueError, match=r"two \(4, 8\) tensors"):
+        LinearGrid(points, 8, 5, (shift[:3], scale[:3]))
+
+
+def test_eval_linear_standardize_is_the_scorecard_probe(tiny_data, backbone_file, tmp_path):
+    from eval.loading import load_backbone
+    from eval.scorecard import evaluate_linear
+
+    run = ["--epochs", "3", "--lr", "0.3", "--batch-size", "16", "--cached-features", "--standardize"]
+    assert linear_eval.main(_linear_args(tiny_data, backbone_file, tmp_path, *run)) == 0
+    res = json.loads((tmp_path / "linear_results.json").read_text())
+    model, _ = load_backbone(backbone_file)
+    card = evaluate_linear(
+        model.eval(),
+        tiny_data / "train",
+        tiny_data / "val",
+        lr=0.3,
+        epochs=3,
+        resize=32,
+        crop=32,
+        batch_size=16,
+    )
+    assert res["settings"]["standardize"] and res["best"]["last"]["top1"] == card
+    # The saved probe takes raw features (the standardisation folded in) and scores what training saw.
+    evaluate = ["--evaluate", "--classifier", str(tmp_path / "linear_best.pth")]
+    assert linear_eval.main(_linear_args(tiny_data, backbone_file, tmp_path, *evaluate)) == 0
+    ev = json.loads((tmp_path / "linear_evaluate.json").read_text())["evaluate"]
+    assert (ev["top1"], ev["top5"]) == (res["best"]["best"]["top1"], res["best"]["best"]["top5"])
+    with pytest.raises(SystemExit, match="different standardize"):
+        linear_eval.main(_linear_args(tiny_data, backbone_file, tmp_path, *run[:-1]))
