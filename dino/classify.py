@@ -114,6 +114,7 @@ def linear_probe(
     num_classes: int | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    standardize: bool = False,
 ) -> LinearProbe:
     """Train Linear(D, C) on ``train_features`` (N, D) by the release's recipe and test it each epoch.
 
@@ -122,6 +123,8 @@ def linear_probe(
     release's ``lr=0.001`` is tuned for ImageNet's 5000 steps per epoch; on a few hundred features a
     larger lr (0.1 to 1) is needed. The reported accuracy is the last epoch's, not the best over epochs
     (choosing an epoch on the test set would flatter it). The caller's random state is left untouched.
+    ``standardize``: train on features standardised by the train split's per-dimension mean and std
+    (``eval_linear --standardize``); the returned classifier folds that in and takes raw features.
     """
     train = _features(train_features, "train_features")
     test = _features(test_features, "test_features")
@@ -129,7 +132,7 @@ def linear_probe(
     y_test = _labels(test_labels, len(test), "test_labels")
     c = _num_classes(num_classes, y_train, y_test)
     head, tracker = train_probe_in_memory(
-        train, y_train, test, y_test, c, epochs, lr, batch_size, seed, device, progress
+        train, y_train, test, y_test, c, epochs, lr, batch_size, seed, device, progress, standardize
     )
     last = tracker.last(0)
     return LinearProbe(head, last["top1"], last["top5"], tracker.history[0])

@@ -21,7 +21,14 @@ from tqdm import tqdm
 from dino_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dino_train.runtime.distributed import all_reduce_sum
 from dino_train.runtime.progress import use_progress_bar
-from eval.linear_model import GridPoint, LinearGrid, backbone_tokens, lr_for, topk_correct
+from eval.linear_model import (
+    GridPoint,
+    LinearGrid,
+    backbone_tokens,
+    feature_stats,
+    lr_for,
+    topk_correct,
+)
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # token stack (B, n_max + 1, D), labels (B,)
 
@@ -231,15 +238,17 @@ def train_probe_in_memory(
     seed: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    standardize: bool = False,
 ) -> tuple[nn.Linear, Tracker]:
-    """One linear probe on features already in memory, by ``eval_linear --cached-features``'s recipe.
+    """One linear probe on features already in memory, by ``eval_linear --cached-features``'s recipe
+    (with ``standardize``, ``--standardize``'s: see :func:`eval.linear_model.feature_stats`).
 
     train_feats (N, D), val_feats (M, D): one feature vector per image (e.g. the CLS token);
     train_labels (N,), val_labels (M,): int64 in [0, num_classes). ``lr`` is for a batch of 256 (scaled by
     ``batch_size`` / 256). With the same seed, lr, batch and epochs, the probe is the one
     ``eval_linear --cached-features --n-last-blocks 1 --avgpool no`` trains in one process.
-    Returns the last epoch's classifier Linear(D, num_classes) on the CPU, and the tracker holding the
-    val top-1/top-5 (percent) of every epoch.
+    Returns the last epoch's classifier Linear(D, num_classes) on the CPU, taking raw features (any
+    standardisation folded in), and the tracker holding the val top-1/top-5 (percent) of every epoch.
     """
     if train_feats.ndim != 2 or val_feats.ndim != 2 or train_feats.shape[1] != val_feats.shape[1]:
         raise ValueError(
@@ -258,7 +267,8 @@ def train_probe_in_memory(
     train_labels, val_labels = train_labels.long().cpu(), val_labels.long().cpu()
     with torch.random.fork_rng(devices=[]):  # seed the init as eval_linear does, leaving the caller's RNG
         torch.manual_seed(seed)
-        grid = LinearGrid([GridPoint(lr, 1, False)], train_feats.shape[1], num_classes)
+        stats = feature_stats(train_tokens) if standardize else None
+        grid = LinearGrid([GridPoint(lr, 1, False)], train_feats.shape[1], num_classes, stats)
     grid.to(device)
     optimizer, scheduler = probe_optimizer(grid, batch_size, epochs)
     tracker = Tracker(1)
@@ -267,4 +277,6 @@ def train_probe_in_memory(
         train_one_epoch(grid, optimizer, batches, device, 1, progress)
         scheduler.step()
         tracker.update(epoch, validate(grid, val_tokens, val_labels, device), grid)
-    return grid.heads[0].cpu(), tracker
+    head = nn.utils.skip_init(nn.Linear, train_feats.shape[1], num_classes)  # no init: the RNG stays put
+    head.load_state_dict(grid.head_state(0))
+    return head, tracker

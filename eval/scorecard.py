@@ -23,7 +23,6 @@ from eval.knn_eval import evaluate_knn
 from eval.linear_model import (
     backbone_tokens,
     default_variant,
-    feature_stats,
     max_blocks,
     variant_features,
 )
@@ -41,15 +40,6 @@ def sizes_line(size: int) -> str:
     )
 
 
-def standardize(
-    train: torch.Tensor, val: torch.Tensor, eps: float = 1e-6
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both splits' features shifted and scaled by the train split's per-dimension mean and std
-    (:func:`eval.linear_model.feature_stats`, which says why)."""
-    mean, std = feature_stats(train, eps)
-    return (train - mean) / std, (val - mean) / std
-
-
 def evaluate_linear(
     backbone: torch.nn.Module,
     train_root: str | Path,
@@ -65,7 +55,8 @@ def evaluate_linear(
     standardized: bool = True,
 ) -> float:
     """Val top-1 % of one linear probe on cached centre-crop features (``--cached-features``), last epoch,
-    on features standardised by the train split's statistics (``standardized``, see :func:`standardize`).
+    on features standardised by the train split's statistics (``standardized``: ``eval_linear
+    --standardize``, see :func:`eval.linear_model.feature_stats`).
 
     n_last_blocks/avgpool default to the release's variant for the backbone's width. ``lr`` is for a
     batch of 256; the release's 0.001 is tuned for ImageNet's thousands of steps per epoch, a few thousand
@@ -90,9 +81,9 @@ def evaluate_linear(
             fn=lambda m, x: backbone_tokens(m, x, n).flatten(1),
         )
         splits += [variant_features(tokens.view(len(labels), n + 1, -1), n, pool), data.remap(ds, labels)]
-    if standardized:
-        splits[0], splits[2] = standardize(splits[0], splits[2])
-    _, tracker = train_probe_in_memory(*splits, len(data.classes), epochs, lr, batch_size, device=device)
+    _, tracker = train_probe_in_memory(
+        *splits, len(data.classes), epochs, lr, batch_size, device=device, standardize=standardized
+    )
     return float(tracker.last(0)["top1"])
 
 
