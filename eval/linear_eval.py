@@ -155,12 +155,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         val_tf = eval_transform(resize=resize, crop=crop)
         train_tf = val_tf if args.cached_features else train_transform(crop)
         data = class_folders(*split_roots(args.data), train_tf, val_tf)
-        # The centre-crop train split: the cached features, and the statistics of --standardize.
-        centre = (
-            data.train
-            if args.cached_features
-            else class_folders(*split_roots(args.data), val_tf, val_tf).train
-        )
+        # The centre-crop train split, for the cached features and the statistics of --standardize; with
+        # augmentation and --standardize it is a second view of the folder, opened only then.
+        centre = data.train if args.cached_features else None
+        if centre is None and args.standardize and not args.evaluate:
+            centre = class_folders(*split_roots(args.data), val_tf, val_tf).train
         if args.evaluate:
             bank = partial(token_bank, backbone, args=args, device=device)  # (dataset, n) -> tokens, labels
             evaluate_only(args, info, data, bank, env.is_main, settings_record(args, device, env.world_size))
@@ -179,17 +178,18 @@ def _train(
     backbone: torch.nn.Module,
     info: dict[str, Any],
     data: ClassFolders,
-    centre: Any,
+    centre: Any | None,
     device: torch.device,
     rank: int,
     world: int,
 ) -> None:
-    """``centre``: the train split at the val transform (``data.train`` itself with --cached-features)."""
+    """``centre``: the train split at the val transform (``data.train`` itself with --cached-features;
+    None when neither --cached-features nor --standardize needs it)."""
     out = Path(args.output_dir)
     points = make_grid_points(args, int(info["embed_dim"]), max_blocks(backbone))
     n_max = max(p.n_last_blocks for p in points)
     train_bank = None
-    if args.cached_features or args.standardize:
+    if centre is not None:
         tokens, labels = token_bank(backbone, centre, n_max, args, device)
         train_bank = (tokens, data.remap(centre, labels))
     stats = feature_stats(train_bank[0]) if args.standardize else None

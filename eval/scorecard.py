@@ -15,20 +15,14 @@ import torch
 from torch import nn
 
 from dino_train.data import eval_transform
+from dino_train.data.embedded import MASKS
 from eval.attention_jaccard import folder_jaccard
 from eval.common import class_folders
 from eval.defaults import resize_for
 from eval.features import extract_features
 from eval.knn_eval import evaluate_knn
-from eval.linear_model import (
-    backbone_tokens,
-    default_variant,
-    max_blocks,
-    variant_features,
-)
+from eval.linear_model import backbone_tokens, default_variant, max_blocks, variant_features
 from eval.linear_train import train_probe_in_memory
-
-MASKS = "val_masks"
 
 
 def sizes_line(size: int) -> str:

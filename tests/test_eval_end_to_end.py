@@ -279,3 +279,17 @@ def test_eval_linear_standardize_is_the_scorecard_probe(tiny_data, backbone_file
     assert (ev["top1"], ev["top5"]) == (res["best"]["best"]["top1"], res["best"]["best"]["top5"])
     with pytest.raises(SystemExit, match="different standardize"):
         linear_eval.main(_linear_args(tiny_data, backbone_file, tmp_path, *run[:-1]))
+
+
+def test_eval_linear_standardize_with_augmentation_saves_a_probe_on_raw_features(
+    tiny_data, backbone_file, tmp_path
+):
+    # Augmented training: the statistics come from a centre-crop view of the train split.
+    run = ["--epochs", "2", "--lr", "0.3", "--batch-size", "16", "--standardize", "--n-last-blocks", "1"]
+    assert linear_eval.main(_linear_args(tiny_data, backbone_file, tmp_path, *run)) == 0
+    res = json.loads((tmp_path / "linear_results.json").read_text())
+    assert res["settings"]["standardize"] and not res["cached_features"]
+    evaluate = ["--evaluate", "--classifier", str(tmp_path / "linear_best.pth")]
+    assert linear_eval.main(_linear_args(tiny_data, backbone_file, tmp_path, *evaluate)) == 0
+    ev = json.loads((tmp_path / "linear_evaluate.json").read_text())["evaluate"]
+    assert (ev["top1"], ev["top5"]) == (res["best"]["best"]["top1"], res["best"]["best"]["top5"])
