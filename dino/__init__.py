@@ -5,6 +5,7 @@ score them with k-NN or a linear probe.
     result = dino.pretrain("configs/demo.yaml", ["train.epochs=2"])
     model = dino.load_backbone(result.output_dir / "checkpoint.pth")
     dino.plot_attention(model, "image.png", threshold=0.6)
+    dino.attention_jaccard(model, "data/embedded/val", "data/embedded/val_masks").mean
     train, val = dino.extract_features(model, "data/train"), dino.extract_features(model, "data/val")
     dino.knn_accuracy(train.features, train.labels, val.features, val.labels, k=20)
 
@@ -12,7 +13,7 @@ Every function is a thin layer over the code the command-line tools run (``dino_
 its numbers are theirs. See ``examples/dino_quickstart.ipynb``.
 """
 
-from dino.attention import AttentionMaps, attention_maps, plot_attention
+from dino.attention import AttentionMaps, JaccardResult, attention_jaccard, attention_maps, plot_attention
 from dino.classify import LinearProbe, knn_accuracy, knn_predict, linear_probe
 from dino.features import Features, extract_features, load_features
 from dino.models import best_device, load_backbone, pretrain
@@ -26,8 +27,10 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "Features",
+    "JaccardResult",
     "LinearProbe",
     "TrainResult",
+    "attention_jaccard",
     "attention_maps",
     "best_device",
     "extract_features",

@@ -1,5 +1,6 @@
-"""Self-attention of a ViT on one image as numpy arrays for a notebook, and the figure ``visualize_attention``
-draws. The maths is ``eval.attention``'s: the exact softmax of a block, recomputed from its weights."""
+"""Self-attention of a ViT on one image as numpy arrays for a notebook, the figure ``visualize_attention``
+draws, and the paper's attention-segmentation score of ``eval_attention``. The maths is ``eval.attention``'s:
+the exact softmax of a block, recomputed from its weights."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from torchvision.transforms import functional as TF
 
 from dino_train.data.transforms import BICUBIC
 from dino_train.runtime.device import model_device
-from eval.attention import denormalize, prepare_image, summarize, vit_patch_size
+from eval.attention import denormalize, prepare_image, summarize, unwrap_vit, vit_patch_size
+from eval.attention_jaccard import JaccardResult, folder_jaccard
 from eval.visualize import attention_figure, open_image
 
 ImageInput = Image.Image | str | Path | Tensor
@@ -118,3 +120,24 @@ def plot_attention(
         raise ValueError("no image to plot")
     p = vit_patch_size(model)
     return attention_figure(model, [to_model_input(im, p, image_size) for im in images], threshold, block)
+
+
+def attention_jaccard(
+    model: nn.Module,
+    images: str | Path,
+    masks: str | Path,
+    image_size: int | None = None,
+    threshold: float = 0.6,
+) -> JaccardResult:
+    """How well the CLS attention of ``blocks[-1]`` segments objects, as ``eval_attention`` scores it: the
+    Jaccard index (%) of the fewest patches holding ``threshold`` of the attention mass with the object's
+    mask, for the head mean (``.mean``) and each head (``.per_head``), averaged over the images under
+    ``images`` that have a mask at the same relative path under ``masks`` (nonzero = object).
+    ``.references`` holds the same measure for two maps without a model (the other masks' mean, attention
+    even on the object), to read the number against. ``image_size``: short side after resizing (None: as
+    stored). ``model`` runs on its own device.
+    """
+    for name, folder in (("images", images), ("masks", masks)):
+        if not Path(folder).is_dir():
+            raise ValueError(f"{name} {folder} is not a folder")
+    return folder_jaccard(unwrap_vit(model), Path(images), Path(masks), image_size, threshold)

@@ -8,6 +8,11 @@ extension; nonzero pixels are the object) is resized (``--image-size``, short si
 last block's CLS attention thresholded to the fewest patches holding ``--threshold`` of the mass (per
 head and for the head mean), and the Jaccard index with the object mask computed per image; the
 averages are printed and written to ``attention_jaccard.json`` with a figure of a few images.
+
+Two rows need no model and say what the number means on this set: the same measure for one map shared
+by every image, the mean of the other images' masks (where the objects usually are: attention that finds
+each object beats it), and for attention spread evenly over each object (what attention wholly on the
+object scores under the threshold rule).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 from dino_train.runtime.device import DeviceError, pick_device
 from dino_train.runtime.files import CheckpointError, check_writable_dir
 from eval.attention import unwrap_vit
-from eval.attention_jaccard import folder_jaccard, paired_files
+from eval.attention_jaccard import EVEN, PRIOR, folder_jaccard, paired_files
 from eval.cli import HelpFormatter
 from eval.common import (
     add_backbone_args,
@@ -64,6 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"attention Jaccard on {result.images} images (threshold {args.threshold:g}), {info['arch']}")
     rows = [["mean of heads", result.mean]] + [[f"head {i}", j] for i, j in enumerate(result.per_head)]
+    rows += [
+        ["no model: the other masks' mean", result.references[PRIOR]],
+        ["no model: even on the object", result.references[EVEN]],
+    ]
     print_table(["mask from", "Jaccard %"], rows)
     if args.output_dir:
         write_json(args.output_dir / RESULTS_FILE, {

@@ -24,6 +24,7 @@ from dino_train.data import DataError, generate_embedded_dataset
 from dino_train.models import build_from_spec, model_spec
 from dino_train.runtime.files import CheckpointError
 from dino_train.train import TrainResult, train
+from eval.attention_jaccard import EVEN, PRIOR
 from eval.cli import HelpFormatter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_eval:
         report = training_curve(out, cfg)
         report["scores"] = compare_to_random(result.teacher.backbone, cfg, root)
+        if "attention Jaccard" in report["scores"]["DINO teacher"]:
+            report["attention references"] = attention_references(result.teacher.backbone, root)
         report["warnings"] = result.warnings
         print_report(report, TARGETS["long" if args.long else "short"])
         (out / "demo_results.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -157,6 +160,18 @@ def compare_to_random(teacher: torch.nn.Module, cfg: Config, root: Path) -> dict
     return {name: score_backbone(model, root, size, verbose=False) for name, model in models.items()}
 
 
+def attention_references(vit: torch.nn.Module, root: Path) -> dict[str, float]:
+    """The scorecard's Jaccard for two maps without a model, on the same val masks: the other masks'
+    mean (where the objects usually are) and attention spread evenly over each object."""
+    from dino_train.data.embedded import MASKS
+    from eval.attention import vit_patch_size
+    from eval.attention_jaccard import load_masked_images, reference_jaccards
+
+    patch = vit_patch_size(vit)
+    _, masks = load_masked_images(root / "val", root / MASKS, patch)
+    return reference_jaccards(masks, patch)
+
+
 def print_report(report: dict[str, Any], targets: dict[str, float]) -> None:
     scores = report["scores"]
     print(
@@ -168,6 +183,12 @@ def print_report(report: dict[str, Any], targets: dict[str, float]) -> None:
         goal = targets.get(row)
         mark = "" if goal is None else f">= {goal:g} {'met' if value >= goal else 'NOT met'}"
         print(f"{row:>18} | {scores['random init'][row]:>11.1f} | {value:>12.1f} | {mark}")
+        refs = report.get("attention references")
+        if row == "attention Jaccard" and refs:
+            print(
+                f"{'':>18} | without a model: {refs[PRIOR]:.1f} for the other val masks' mean (where objects "
+                f"usually are), {refs[EVEN]:.1f} for attention even on each object"
+            )
     (l0, l1), (e0, e1) = report["loss"], report["entropy ratio"]
     goal = targets.get("entropy ratio")
     mark = "" if goal is None else f"<= {goal:g} {'met' if e1 <= goal else 'NOT met'}"

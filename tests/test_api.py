@@ -131,6 +131,18 @@ def test_plot_attention_draws_two_rows_per_image(model, tmp_path):
     assert len(fig.axes) == 4 * (2 + HEADS)
 
 
+def test_attention_jaccard_is_eval_attentions_measure(model, tiny_data, tmp_path):
+    from eval.attention_jaccard import folder_jaccard
+
+    images, masks = tiny_data / "val", tiny_data / "val_masks"
+    got = dino.attention_jaccard(model, images, masks, image_size=48)
+    want = folder_jaccard(model, images, masks, image_size=48)
+    assert got.as_dict() == want.as_dict() and got.images == len(list(masks.rglob("*.png")))
+    assert set(got.references) == {"masks' mean", "even on the object"}
+    with pytest.raises(ValueError, match="masks .*nowhere is not a folder"):
+        dino.attention_jaccard(model, str(images), tmp_path / "nowhere")
+
+
 # ------------------------------------------------------------------------------------------ features
 
 

@@ -9,7 +9,15 @@ import torch
 
 from eval import attention_eval
 from eval.attention import summarize, upsample
-from eval.attention_jaccard import attention_jaccard, folder_jaccard, jaccard
+from eval.attention_jaccard import (
+    EVEN,
+    PRIOR,
+    attention_jaccard,
+    folder_jaccard,
+    jaccard,
+    load_masked_images,
+    reference_jaccards,
+)
 from eval.loading import load_backbone
 
 
@@ -24,6 +32,32 @@ def test_jaccard_by_hand():
     assert jaccard(empty, empty).item() == 1.0  # nothing to find, nothing found
     stacked = jaccard(torch.stack([a, b]), b)  # leading dims are kept: (2,)
     assert stacked.shape == (2,) and stacked.tolist() == pytest.approx([2 / 6, 1.0])
+
+
+def _box(h: int, w: int, rows: slice, cols: slice) -> torch.Tensor:
+    m = torch.zeros(h, w, dtype=torch.bool)
+    m[rows, cols] = True
+    return m
+
+
+def test_reference_jaccards_by_hand():
+    """Patches of 8 px. Two masks on opposite patches: attention even on each object keeps exactly its
+    patch (100), and the other mask's map keeps the opposite patch (0). Equal masks: the prior is the
+    object itself (100). A taller image takes the prior resized to its own shape."""
+    top_left = _box(16, 16, slice(0, 8), slice(0, 8))
+    bottom_right = _box(16, 16, slice(8, 16), slice(8, 16))
+    refs = reference_jaccards([top_left, bottom_right], 8)
+    assert refs[EVEN] == pytest.approx(100.0) and refs[PRIOR] == pytest.approx(0.0)
+    assert reference_jaccards([top_left, top_left], 8)[PRIOR] == pytest.approx(100.0)
+    # (32, 16): the other mask's top-left quadrant becomes rows 0-15, columns 0-7 there, two patches of
+    # equal weight, both kept; this mask is exactly them.
+    tall = _box(32, 16, slice(0, 16), slice(0, 8))
+    assert reference_jaccards([top_left, tall], 8)[PRIOR] == pytest.approx(100.0)
+    # Half of one patch: even attention keeps that patch, twice the object (Jaccard 1/2).
+    half = _box(16, 16, slice(0, 4), slice(0, 8))
+    assert reference_jaccards([half], 8)[EVEN] == pytest.approx(50.0)
+    with pytest.raises(ValueError, match="at least one mask"):
+        reference_jaccards([], 8)
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +91,11 @@ def test_eval_attention_end_to_end(tiny_data, backbone_file, tmp_path, capsys):
     assert 0.0 <= res["mean"] <= 100.0 and res["threshold"] == 0.6
     vit, _ = load_backbone(str(backbone_file))
     assert folder_jaccard(vit.eval(), images, masks).mean == pytest.approx(res["mean"])
+    _, loaded = load_masked_images(images, masks, 8)
+    assert res["references"] == pytest.approx(reference_jaccards(loaded, 8))
     assert (tmp_path / "out" / "attention_jaccard.png").stat().st_size > 0
-    assert "attention Jaccard on" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "attention Jaccard on" in printed and "no model: the other masks' mean" in printed
     # A masks folder that matches no image is an input error (exit 2) naming both folders.
     (tmp_path / "none").mkdir()
     assert attention_eval.main([*args[:4], "--masks", str(tmp_path / "none")]) == 2
