@@ -6,17 +6,19 @@ from __future__ import annotations
 
 def add_comparisons(rows: list[dict]) -> None:
     """``mem_vs_explicit``: step peak over the same row with explicit attention; ``speedup_vs_ref``: the
-    release-equivalent row's step time (fp32, explicit, eager, no checkpointing) over this row's."""
+    release-equivalent row's step time (fp32, explicit, eager, no checkpointing; through the loader, the
+    PIL augmentation's row when there is one) over this row's."""
 
     def key(r: dict, **changes) -> tuple:
         d = {**r, **changes}
         return (d["recipe"], d["arch"], d["batch"], d["crops"], d["precision"], d["compile"],
-                d["attention"], d["checkpointing"])  # fmt: skip
+                d["attention"], d["checkpointing"], d.get("augment", "random"))  # fmt: skip
 
     by_key = {key(r): r for r in rows}
     for r in rows:
         explicit = by_key.get(key(r, attention="explicit", checkpointing=False))
-        ref = by_key.get(key(r, precision="fp32", compile=False, attention="explicit", checkpointing=False))
+        release = {"precision": "fp32", "compile": False, "attention": "explicit", "checkpointing": False}
+        ref = by_key.get(key(r, **release, augment="pil")) or by_key.get(key(r, **release))
         r["mem_vs_explicit"] = r["step_peak_mib"] / explicit["step_peak_mib"] if explicit else None
         r["speedup_vs_ref"] = ref["step_s"] / r["step_s"] if ref else None
 
@@ -27,7 +29,8 @@ def _fmt(v: float | None, spec: str, width: int) -> str:
 
 def print_table(rows: list[dict]) -> None:
     head = (
-        f"{'arch':<14}{'prec':<6}{'compile':<8}{'attention':<10}{'ckpt':<6}{'batch':>6}  {'crops':<14}"
+        f"{'arch':<14}{'prec':<6}{'compile':<8}{'attention':<10}{'ckpt':<6}{'augment':<8}{'batch':>6}  "
+        f"{'crops':<14}"
         f"{'step s':>8}{'data s':>8}{'img/s':>8}{'GFLOP/s':>9}{'peak':>8}{'MFU':>6}{'MiB':>7}{'step MiB':>9}"
         f"{'mem x':>7}{'vs ref':>7}"
     )
@@ -35,7 +38,7 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         print(
             f"{r['arch']:<14}{r['precision']:<6}{str(r['compile']):<8}{r['attention']:<10}"
-            f"{str(r['checkpointing']):<6}{r['batch']:>6}  {r['crops']:<14}"
+            f"{str(r['checkpointing']):<6}{r.get('augment', 'random'):<8}{r['batch']:>6}  {r['crops']:<14}"
             f"{r['step_s']:>8.3f}{r['data_s']:>8.3f}"
             f"{r['images_per_s']:>8.1f}{r['achieved_gflops']:>9.1f}{r['peak_gflops']:>8.0f}{r['mfu']:>6.0%}"
             f"{r['peak_mib']:>7.0f}{r['step_peak_mib']:>9.0f}"

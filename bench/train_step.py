@@ -12,7 +12,11 @@ accounting switched on only then (bench.memory explains why: it would slow the t
 
 Two derived columns compare rows of one run: ``mem x`` is the step's peak over that of the same row with
 explicit attention, and ``vs ref`` is the speed-up over the release-equivalent step (fp32, explicit
-softmax attention, eager), when those rows are in the grid.
+softmax attention, eager; through the loader, with the release's PIL augmentation when ``--augment``
+lists ``pil``), when those rows are in the grid. So the whole training loop against the release's:
+
+    python -m bench.train_step --recipe configs/demo.yaml --data data/embedded/train --workers 1 \
+        --precision bf16 fp32 --attention explicit --augment auto pil --steps 60 --warmup 10
 """
 
 from __future__ import annotations
@@ -63,6 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--data", default="", help="a folder of images: time through the real loader instead")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument(
+        "--augment",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "cpu", "pil"],
+        help="data.augment_device of the loader, with --data (pil: the release's PIL pipeline)",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", type=Path, default=RESULTS / "train_step.json")
     p.add_argument(
@@ -103,7 +114,13 @@ def resolve_shape(args: argparse.Namespace) -> None:
 
 
 def _modules(
-    args: argparse.Namespace, precision: str, device: torch.device, compiled: bool, ckpt: bool, attention: str
+    args: argparse.Namespace,
+    precision: str,
+    device: torch.device,
+    compiled: bool,
+    ckpt: bool,
+    attention: str,
+    augment: str = "auto",
 ):
     overrides = [
         f"model.arch={args.arch}",
@@ -115,6 +132,7 @@ def _modules(
         f"data.local_crops_size={args.local_size}",
         f"data.local_crops_number={args.local_crops}",
         f"data.num_workers={args.workers}",
+        f"data.augment_device={augment}",
         f"train.precision={precision}",
         f"train.compile={str(compiled).lower()}",
         f"train.grad_checkpointing={str(ckpt).lower()}",
@@ -140,8 +158,10 @@ def _batches(args: argparse.Namespace, cfg, device: torch.device):
         yield crops
 
 
-def run_one(args, precision: str, compiled: bool, attention: str, ckpt: bool, device, peaks) -> dict:
-    cfg, mods = _modules(args, precision, device, compiled, ckpt, attention)
+def run_one(
+    args, precision: str, compiled: bool, attention: str, ckpt: bool, augment: str, device, peaks
+) -> dict:
+    cfg, mods = _modules(args, precision, device, compiled, ckpt, attention, augment)
     values = StepValues(lr=1e-4, weight_decay=0.04, momentum=0.996, teacher_temp=0.04)
     settings = StepSettings(precision, device, clip_grad=3.0, freeze_last_layer=1)
     batches = _batches(args, cfg, device)
@@ -178,6 +198,7 @@ def run_one(args, precision: str, compiled: bool, attention: str, ckpt: bool, de
         "compile": compiled,
         "attention": attention,
         "checkpointing": ckpt,
+        "augment": augment if args.data else "random",
         "batch": args.batch,
         "crops": f"2x{args.global_size}+{args.local_crops}x{args.local_size}",
         "source": "loader" if args.data else "random",
@@ -194,7 +215,7 @@ def run_one(args, precision: str, compiled: bool, attention: str, ckpt: bool, de
     }
 
 
-def run_isolated(argv: list[str], combo: tuple[str, str, str, str], peaks: dict[str, float]) -> dict:
+def run_isolated(argv: list[str], combo: tuple[str, ...], peaks: dict[str, float]) -> dict:
     """One configuration in a fresh interpreter; its row comes back through a JSON file."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
@@ -233,11 +254,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.row:
         combos = [tuple(args.row.split(","))]
     else:
-        combos = list(itertools.product(args.precision, args.compile, args.attention, args.checkpointing))
+        augments = args.augment if args.data else ["auto"]  # random tensors: no augmentation to vary
+        combos = list(
+            itertools.product(args.precision, args.compile, args.attention, args.checkpointing, augments)
+        )
     if args.row or args.no_isolate:
-        rows = [run_one(args, p, c == "on", a, k == "on", device, peaks) for p, c, a, k in combos]
+        rows = [run_one(args, p, c == "on", a, k == "on", g, device, peaks) for p, c, a, k, g in combos]
     else:
-        base = _strip(argv, {"--json", "--precision", "--compile", "--attention", "--checkpointing"})
+        grid = {"--json", "--precision", "--compile", "--attention", "--checkpointing", "--augment"}
+        base = _strip(argv, grid)
         rows = [run_isolated(base, combo, peaks) for combo in combos]
     add_comparisons(rows)
     if not args.row:

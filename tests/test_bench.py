@@ -62,3 +62,24 @@ def test_train_step_bench_rows_compare_with_explicit_attention_and_the_reference
     for r in rows.values():
         assert r["step_s"] > 0 and r["gflop_per_step"] > 0 and r["step_peak_mib"] > 0
         assert 0 < r["mfu"] < 1.5
+
+
+def test_train_step_bench_through_the_loader_takes_the_pil_row_as_the_reference(tmp_path, tiny_data):
+    """--augment auto pil: the same fp32 explicit step through the loader on both augmentation paths; the
+    release's PIL path is the reference of the whole loop."""
+    out = tmp_path / "loop.json"
+    cmd = [
+        sys.executable, "-m", "bench.train_step", "--arch", "vit_tiny", "--patch", "16", "--batch", "4",
+        "--global-size", "32", "--local-size", "16", "--local-crops", "2", "--out-dim", "256",
+        "--precision", "fp32", "--attention", "explicit", "--augment", "auto", "pil", "--steps", "2",
+        "--threads", "1", "--data", str(tiny_data / "train"), "--workers", "0", "--no-isolate",
+        "--json", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    rows = {r["augment"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"auto", "pil"}
+    assert rows["pil"]["speedup_vs_ref"] == 1.0
+    assert rows["auto"]["speedup_vs_ref"] == rows["pil"]["step_s"] / rows["auto"]["step_s"]
+    assert all(r["data_s"] > 0 for r in rows.values())  # the loader was timed, not random tensors
+    assert " pil " in done.stdout
