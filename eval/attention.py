@@ -8,6 +8,7 @@ never materialises the attention matrix.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,14 @@ def vit_patch_size(model: nn.Module) -> int:
     return patch_size_of(unwrap_vit(model))
 
 
+def _eager() -> contextlib.AbstractContextManager:
+    """Run a compiled backbone (``train.compile``) as plain Python: the compiled graph never calls the
+    pre-hook that captures the block's input. ``torch.compiler.set_stance`` came in torch 2.6; before it,
+    the maps of a compiled model stop with "the attention block was never called"."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance is not None else contextlib.nullcontext()
+
+
 def _block_qk(model: nn.Module, images: Tensor, block: int) -> tuple[Tensor, Tensor, float]:
     """q and k of ``blocks[block]``, each (B, heads, N + prefix, head_dim), and its scale."""
     vit = unwrap_vit(model)
@@ -58,7 +67,7 @@ def _block_qk(model: nn.Module, images: Tensor, block: int) -> tuple[Tensor, Ten
     was_training = vit.training
     vit.eval()  # drop path and dropout would change the block input
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _eager():
             vit(images)
         raise RuntimeError("the attention block was never called")
     except _BlockInput as got:

@@ -98,6 +98,17 @@ def test_cls_maps_are_the_cls_row_and_train_mode_is_restored(images):
     torch.testing.assert_close(cls.sum((-2, -1)), 1 - full[:, :, 0, 0])
 
 
+def test_maps_of_a_compiled_backbone_are_those_of_the_plain_one(images):
+    """train.compile compiles the backbones in place (Module.compile); their maps (the monitor's, the
+    demo's) are computed eagerly, the same as without it, and nothing is compiled for them."""
+    torch.manual_seed(0)
+    plain = build_backbone("vit_tiny", patch_size=8, img_size=32).eval()
+    compiled = build_backbone("vit_tiny", patch_size=8, img_size=32).eval()
+    compiled.load_state_dict(plain.state_dict())
+    compiled.compile()
+    torch.testing.assert_close(cls_attention_maps(compiled, images), cls_attention_maps(plain, images))
+
+
 def test_bad_sizes_and_blocks_are_errors(vit):
     with pytest.raises(ValueError, match="multiples of 8"):
         attention_maps(vit, torch.zeros(1, 3, 24, 30))
