@@ -20,6 +20,7 @@ from dino_train.monitor.health import CollapseDetector
 from dino_train.monitor.logger import Monitor
 from dino_train.monitor.periodic import PeriodicJaccard
 from dino_train.monitor.report import main as report_main
+from dino_train.monitor.report import read_log, summarize
 from dino_train.runtime.distributed import free_port
 from dino_train.train import train
 from eval.attention_jaccard import folder_jaccard
@@ -185,6 +186,8 @@ def test_the_monitor_logs_the_attention_jaccard_of_the_teacher(healthy_run, tiny
     expected = folder_jaccard(teacher.eval(), tiny_data / "val", tiny_data / "val_masks", image_size=32)
     assert rows[-1]["mean"] == pytest.approx(expected.mean, abs=1e-4)
     assert rows[-1]["per_head"] == pytest.approx(expected.per_head, abs=1e-4)
+    assert rows[-1]["references"] == pytest.approx(expected.references)  # the same masks, no model
+    assert summarize(read_log(out))["last_jaccard"]["references"] == rows[-1]["references"]
 
 
 def test_the_jaccard_hook_needs_masks_and_a_vit(tiny_data, tmp_path):

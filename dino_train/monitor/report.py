@@ -69,6 +69,7 @@ def summarize(kinds: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "mean": jaccard[-1]["mean"],
             "per_head": jaccard[-1]["per_head"],
             "epoch": jaccard[-1]["epoch"],
+            "references": jaccard[-1].get("references", {}),  # absent in logs written before them
         },
         "warnings": [w["message"] for w in kinds["warning"]],
         "skipped_files": sum(r.get("skipped_files", 0) for r in kinds["epoch"]),
@@ -110,6 +111,11 @@ def plot(kinds: dict[str, list[dict[str, Any]]], out: str | Path) -> Path:
         ax.plot(
             [r["step"] for r in jaccard], [r["mean"] for r in jaccard], marker="s", label="attention Jaccard"
         )
+        from eval.attention_jaccard import PRIOR
+
+        prior = jaccard[-1].get("references", {}).get(PRIOR)
+        if prior is not None:  # what one fixed map scores: the attention must beat it to find each object
+            ax.axhline(prior, linestyle="--", color="gray", label="Jaccard of the masks' mean (no model)")
     ax.set_title(
         "k-NN top-1 %" + (" and attention Jaccard %" if jaccard else "")
         if ks
