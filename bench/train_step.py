@@ -15,7 +15,7 @@ explicit attention, and ``vs ref`` is the speed-up over the release-equivalent s
 softmax attention, eager; through the loader, with the release's PIL augmentation when ``--augment``
 lists ``pil``), when those rows are in the grid. So the whole training loop against the release's:
 
-    python -m bench.train_step --recipe configs/demo.yaml --data data/embedded/train --workers 1 \
+    python -m bench.train_step --recipe configs/demo.yaml --data data/embedded/train --workers 0 \
         --precision bf16 fp32 --attention explicit --augment auto pil --steps 60 --warmup 10
 """
 
@@ -70,9 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--augment",
         nargs="+",
-        default=["auto"],
-        choices=["auto", "cpu", "pil"],
-        help="data.augment_device of the loader, with --data (pil: the release's PIL pipeline)",
+        default=None,
+        choices=["auto", "cpu", "cuda", "pil"],
+        help="data.augment_device of the loader, with --data (default: the recipe's; pil: the release's)",
     )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", type=Path, default=RESULTS / "train_step.json")
@@ -120,7 +120,7 @@ def _modules(
     compiled: bool,
     ckpt: bool,
     attention: str,
-    augment: str = "auto",
+    augment: str = "",
 ):
     overrides = [
         f"model.arch={args.arch}",
@@ -132,13 +132,14 @@ def _modules(
         f"data.local_crops_size={args.local_size}",
         f"data.local_crops_number={args.local_crops}",
         f"data.num_workers={args.workers}",
-        f"data.augment_device={augment}",
         f"train.precision={precision}",
         f"train.compile={str(compiled).lower()}",
         f"train.grad_checkpointing={str(ckpt).lower()}",
         f"train.fused_attention={attention}",
         "optim.warmup_epochs=0",
     ]
+    if augment:  # else the recipe's (or the default's)
+        overrides.append(f"data.augment_device={augment}")
     cfg = load_config(args.recipe, overrides)
     return cfg, build_modules(cfg, DistEnv(), device, precision)
 
@@ -198,7 +199,7 @@ def run_one(
         "compile": compiled,
         "attention": attention,
         "checkpointing": ckpt,
-        "augment": augment if args.data else "random",
+        "augment": (augment or cfg.data.augment_device) if args.data else "random",
         "batch": args.batch,
         "crops": f"2x{args.global_size}+{args.local_crops}x{args.local_size}",
         "source": "loader" if args.data else "random",
@@ -254,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.row:
         combos = [tuple(args.row.split(","))]
     else:
-        augments = args.augment if args.data else ["auto"]  # random tensors: no augmentation to vary
+        if args.augment and not args.data:
+            raise SystemExit("bench.train_step: --augment needs --data (random tensors are not augmented)")
+        augments = args.augment or [""]  # "": the recipe's data.augment_device
         combos = list(
             itertools.product(args.precision, args.compile, args.attention, args.checkpointing, augments)
         )

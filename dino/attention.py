@@ -124,20 +124,20 @@ def plot_attention(
 
 def attention_jaccard(
     model: nn.Module,
-    images: str | Path,
-    masks: str | Path,
+    images_dir: str | Path,
+    masks_dir: str | Path,
     image_size: int | None = None,
     threshold: float = 0.6,
 ) -> JaccardResult:
     """How well the CLS attention of ``blocks[-1]`` segments objects, as ``eval_attention`` scores it: the
     Jaccard index (%) of the fewest patches holding ``threshold`` of the attention mass with the object's
     mask, for the head mean (``.mean``) and each head (``.per_head``), averaged over the images under
-    ``images`` that have a mask at the same relative path under ``masks`` (nonzero = object).
+    ``images_dir`` that have a mask at the same relative path under ``masks_dir`` (nonzero = object).
     ``.references`` holds the same measure for two maps without a model (the other masks' mean, attention
     even on the object), to read the number against. ``image_size``: short side after resizing (None: as
     stored). ``model`` runs on its own device.
     """
-    for name, folder in (("images", images), ("masks", masks)):
+    for name, folder in (("images_dir", images_dir), ("masks_dir", masks_dir)):
         if not Path(folder).is_dir():
             raise ValueError(f"{name} {folder} is not a folder")
-    return folder_jaccard(unwrap_vit(model), Path(images), Path(masks), image_size, threshold)
+    return folder_jaccard(unwrap_vit(model), Path(images_dir), Path(masks_dir), image_size, threshold)

@@ -8,7 +8,6 @@ never materialises the attention matrix.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -39,12 +38,15 @@ def vit_patch_size(model: nn.Module) -> int:
     return patch_size_of(unwrap_vit(model))
 
 
-def _eager() -> contextlib.AbstractContextManager:
-    """Run a compiled backbone (``train.compile``) as plain Python: the compiled graph never calls the
-    pre-hook that captures the block's input. ``torch.compiler.set_stance`` came in torch 2.6; before it,
-    the maps of a compiled model stop with "the attention block was never called"."""
-    stance = getattr(torch.compiler, "set_stance", None)
-    return stance("force_eager") if stance is not None else contextlib.nullcontext()
+def _eager_call(vit: nn.Module, images: Tensor) -> None:
+    """Run the backbone as plain Python even when it was compiled in place (``train.compile``): a compiled
+    graph never calls the pre-hook that captures the block's input, and nothing is compiled for maps."""
+    stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    if stance is not None:
+        with stance("force_eager"):
+            vit(images)
+    else:  # Module.compile() only swaps __call__ for the compiled one; _call_impl is the plain path
+        vit._call_impl(images)
 
 
 def _block_qk(model: nn.Module, images: Tensor, block: int) -> tuple[Tensor, Tensor, float]:
@@ -67,8 +69,8 @@ def _block_qk(model: nn.Module, images: Tensor, block: int) -> tuple[Tensor, Ten
     was_training = vit.training
     vit.eval()  # drop path and dropout would change the block input
     try:
-        with torch.no_grad(), _eager():
-            vit(images)
+        with torch.no_grad():
+            _eager_call(vit, images)
         raise RuntimeError("the attention block was never called")
     except _BlockInput as got:
         x = got.x

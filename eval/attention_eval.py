@@ -69,10 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"attention Jaccard on {result.images} images (threshold {args.threshold:g}), {info['arch']}")
     rows = [["mean of heads", result.mean]] + [[f"head {i}", j] for i, j in enumerate(result.per_head)]
-    rows += [
-        ["no model: the other masks' mean", result.references[PRIOR]],
-        ["no model: even on the object", result.references[EVEN]],
-    ]
+    labels = {PRIOR: "no model: the other masks' mean", EVEN: "no model: even on the object"}
+    rows += [[label, result.references[key]] for key, label in labels.items() if key in result.references]
     print_table(["mask from", "Jaccard %"], rows)
     if args.output_dir:
         write_json(args.output_dir / RESULTS_FILE, {

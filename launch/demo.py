@@ -24,7 +24,7 @@ from dino_train.data import DataError, generate_embedded_dataset
 from dino_train.models import build_from_spec, model_spec
 from dino_train.runtime.files import CheckpointError
 from dino_train.train import TrainResult, train
-from eval.attention_jaccard import EVEN, PRIOR
+from eval.attention_jaccard import describe_references
 from eval.cli import HelpFormatter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,10 +185,7 @@ def print_report(report: dict[str, Any], targets: dict[str, float]) -> None:
         print(f"{row:>18} | {scores['random init'][row]:>11.1f} | {value:>12.1f} | {mark}")
         refs = report.get("attention references")
         if row == "attention Jaccard" and refs:
-            print(
-                f"{'':>18} | without a model: {refs[PRIOR]:.1f} for the other val masks' mean (where objects "
-                f"usually are), {refs[EVEN]:.1f} for attention even on each object"
-            )
+            print(f"{'':>18} | {describe_references(refs)}")
     (l0, l1), (e0, e1) = report["loss"], report["entropy ratio"]
     goal = targets.get("entropy ratio")
     mark = "" if goal is None else f"<= {goal:g} {'met' if e1 <= goal else 'NOT met'}"

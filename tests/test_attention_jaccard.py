@@ -58,6 +58,21 @@ def test_reference_jaccards_by_hand():
     assert reference_jaccards([half], 8)[EVEN] == pytest.approx(50.0)
     with pytest.raises(ValueError, match="at least one mask"):
         reference_jaccards([], 8)
+    with pytest.raises(ValueError, match=r"multiples of 8; got \(16, 12\)"):
+        reference_jaccards([torch.ones(16, 12, dtype=torch.bool)], 8)
+
+
+def test_reference_jaccards_of_an_empty_mask_and_of_one_image():
+    """An image without its object scores 0 for even attention, as any model's attention does (it always
+    keeps some patch), not the 100 of two empty masks; with one image there are no other masks, so no
+    prior."""
+    empty = torch.zeros(16, 16, dtype=torch.bool)
+    full = torch.ones(16, 16, dtype=torch.bool)
+    assert reference_jaccards([empty], 8) == {EVEN: 0.0}
+    # Two images: even attention scores 0 on the empty one, 60% of the full one's four patches
+    # (three patches of the four: 75) on the other.
+    refs = reference_jaccards([empty, full], 8)
+    assert refs[EVEN] == pytest.approx(75.0 / 2) and refs[PRIOR] == pytest.approx(75.0 / 2)
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +111,7 @@ def test_eval_attention_end_to_end(tiny_data, backbone_file, tmp_path, capsys):
     assert (tmp_path / "out" / "attention_jaccard.png").stat().st_size > 0
     printed = capsys.readouterr().out
     assert "attention Jaccard on" in printed and "no model: the other masks' mean" in printed
+    assert set(res["references"]) == {PRIOR, EVEN} == {"masks_mean", "even_on_object"}
     # A masks folder that matches no image is an input error (exit 2) naming both folders.
     (tmp_path / "none").mkdir()
     assert attention_eval.main([*args[:4], "--masks", str(tmp_path / "none")]) == 2

@@ -72,8 +72,7 @@ def test_train_step_bench_through_the_loader_takes_the_pil_row_as_the_reference(
         sys.executable, "-m", "bench.train_step", "--arch", "vit_tiny", "--patch", "16", "--batch", "4",
         "--global-size", "32", "--local-size", "16", "--local-crops", "2", "--out-dim", "256",
         "--precision", "fp32", "--attention", "explicit", "--augment", "auto", "pil", "--steps", "2",
-        "--threads", "1", "--data", str(tiny_data / "train"), "--workers", "0", "--no-isolate",
-        "--json", str(out),
+        "--threads", "1", "--data", str(tiny_data / "train"), "--workers", "0", "--json", str(out),
     ]  # fmt: skip
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
@@ -83,3 +82,7 @@ def test_train_step_bench_through_the_loader_takes_the_pil_row_as_the_reference(
     assert rows["auto"]["speedup_vs_ref"] == rows["pil"]["step_s"] / rows["auto"]["step_s"]
     assert all(r["data_s"] > 0 for r in rows.values())  # the loader was timed, not random tensors
     assert " pil " in done.stdout
+    # Without --data there is nothing to augment: an error, not a silently ignored flag.
+    no_data = [a for a in cmd if a not in ("--data", str(tiny_data / "train"))]
+    done = subprocess.run(no_data, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode != 0 and "--augment needs --data" in done.stderr

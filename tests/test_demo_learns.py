@@ -102,5 +102,5 @@ def test_demo_prints_the_attention_references_under_the_jaccard(tiny_data, backb
     print_report(report, TARGETS["long"])
     lines = capsys.readouterr().out.splitlines()
     at = next(i for i, line in enumerate(lines) if "attention Jaccard" in line and "NOT met" in line)
-    assert f"{refs[PRIOR]:.1f} for the other val masks' mean" in lines[at + 1]
+    assert f"{refs[PRIOR]:.1f} for the other masks' mean" in lines[at + 1]
     assert f"{refs[EVEN]:.1f} for attention even on each object" in lines[at + 1]

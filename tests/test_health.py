@@ -264,15 +264,26 @@ def test_tensorboard_serves_the_scalars(healthy_run):
 
 
 @pytest.mark.slow
-def test_report_from_a_real_run(healthy_run, capsys):
+def test_report_from_a_real_run(healthy_run, capsys, tmp_path):
     out, _ = healthy_run
     assert report_main([str(out)]) == 0
     text = capsys.readouterr().out
     assert "steps:          15" in text and "best k-NN:" in text and "warnings:       0" in text
     assert "attention Jaccard: " in text and "(head mean, epoch 2 (3 completed))" in text
+    assert "without a model: " in text and "for the other masks' mean" in text
     png = out / "report.png"
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
     assert report_main([str(out / "nope")]) == 2
+    # A log written before the references existed still reports (no references line).
+    old = tmp_path / "old"
+    old.mkdir()
+    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    for r in rows:
+        r.pop("references", None)
+    (old / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert report_main([str(old)]) == 0
+    text = capsys.readouterr().out
+    assert "attention Jaccard: " in text and "without a model" not in text
 
 
 def _observed(teacher: torch.Tensor, features: torch.Tensor) -> dict[str, float]:

@@ -17,7 +17,7 @@ from dino_train.data.embedded import MASKS
 from dino_train.models.backbone import NotAViTError
 from dino_train.monitor.logger import Monitor
 from eval.attention import colorize, denormalize, summarize, upsample, vit_patch_size
-from eval.attention_jaccard import EVEN, PRIOR, attention_jaccard, load_masked_images
+from eval.attention_jaccard import attention_jaccard, describe_references, load_masked_images
 from eval.common import class_folders
 from eval.knn_eval import classify_bank, extract_bank
 
@@ -100,11 +100,9 @@ class PeriodicJaccard(EpochHook):
         self.monitor.scalars(state.step, {"jaccard_mean": result.mean, **heads}, prefix="attention")
         self.monitor.record("jaccard", state.step, {"epoch": epoch, **result.as_dict()})
         per_head = " / ".join(f"{v:.1f}" for v in result.per_head)
-        refs = result.references
         self.monitor.message(
             f"epoch {epoch}: attention Jaccard {result.mean:.1f}% (head mean; per head {per_head}) "
-            f"on {result.images} masked val images; without a model {refs[PRIOR]:.1f} (the other masks' "
-            f"mean) and {refs[EVEN]:.1f} (even on the object)"
+            f"on {result.images} masked val images; {describe_references(result.references)}"
         )
 
 

@@ -111,7 +111,7 @@ def plot(kinds: dict[str, list[dict[str, Any]]], out: str | Path) -> Path:
         ax.plot(
             [r["step"] for r in jaccard], [r["mean"] for r in jaccard], marker="s", label="attention Jaccard"
         )
-        from eval.attention_jaccard import PRIOR
+        from eval.attention_jaccard import PRIOR  # here: reading a log needs no torch otherwise
 
         prior = jaccard[-1].get("references", {}).get(PRIOR)
         if prior is not None:  # what one fixed map scores: the attention must beat it to find each object
@@ -157,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     jac = s["last_jaccard"]
     if jac:
         print(f"attention Jaccard: {jac['mean']:.1f}% (head mean, {epoch_label(jac['epoch'])})")
+        if jac["references"]:
+            from eval.attention_jaccard import describe_references
+
+            print(f"                   {describe_references(jac['references'])}")
     print(f"skipped images: {s['skipped_files']}")
     print(f"warnings:       {len(s['warnings'])}")
     for w in s["warnings"]:
