@@ -109,6 +109,16 @@ def test_maps_of_a_compiled_backbone_are_those_of_the_plain_one(images):
     torch.testing.assert_close(cls_attention_maps(compiled, images), cls_attention_maps(plain, images))
 
 
+def test_maps_of_a_compiled_backbone_without_set_stance(images, monkeypatch):
+    """torch < 2.6 has no torch.compiler.set_stance: the plain call path gives the same maps."""
+    monkeypatch.delattr(torch.compiler, "set_stance")
+    torch.manual_seed(0)
+    plain = build_backbone("vit_tiny", patch_size=8, img_size=32).eval()
+    want = cls_attention_maps(plain, images)
+    plain.compile()
+    torch.testing.assert_close(cls_attention_maps(plain, images), want)
+
+
 def test_bad_sizes_and_blocks_are_errors(vit):
     with pytest.raises(ValueError, match="multiples of 8"):
         attention_maps(vit, torch.zeros(1, 3, 24, 30))
