@@ -120,7 +120,7 @@ def _modules(
     compiled: bool,
     ckpt: bool,
     attention: str,
-    augment: str = "",
+    augment: str,  # "": the recipe's data.augment_device
 ):
     overrides = [
         f"model.arch={args.arch}",
