@@ -23,6 +23,35 @@ def add_comparisons(rows: list[dict]) -> None:
         r["speedup_vs_ref"] = ref["step_s"] / r["step_s"] if ref else None
 
 
+def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One row per configuration from the rows of several rounds (each round: the same configurations in
+    the same order): the round with the median step time (the lower middle one of an even count), with
+    every round's step time and speed-up kept beside it, and the comparisons taken between the medians."""
+    merged = []
+    for same in zip(*rounds, strict=True):
+        row = dict(sorted(same, key=lambda r: r["step_s"])[(len(same) - 1) // 2])
+        if len(same) > 1:
+            row["step_s_rounds"] = [r["step_s"] for r in same]
+            row["speedup_vs_ref_rounds"] = [r.get("speedup_vs_ref") for r in same]
+        merged.append(row)
+    add_comparisons(merged)
+    return merged
+
+
+def print_rounds(rows: list[dict]) -> None:
+    """Each row's step time and speed-up in every round (nothing for a single round)."""
+    for r in rows:
+        if "step_s_rounds" not in r:
+            continue
+        label = f"{r['arch']} {r['precision']} compile={r['compile']} {r['attention']}"
+        label += f" {r.get('augment', 'random')}"
+        line = f"  rounds: {label}: step s " + " / ".join(f"{t:.3f}" for t in r["step_s_rounds"])
+        speedups = r["speedup_vs_ref_rounds"]
+        if all(v is not None for v in speedups):
+            line += "; vs ref " + " / ".join(f"{v:.2f}" for v in speedups)
+        print(line)
+
+
 def _fmt(v: float | None, spec: str, width: int) -> str:
     return f"{'-':>{width}}" if v is None else f"{v:>{width}{spec}}"
 

@@ -10,6 +10,11 @@ Each configuration runs in a fresh process (``--no-isolate`` runs them in this o
 does not carry into the next. Memory is measured on one extra step after the timed ones, with exact CPU
 accounting switched on only then (bench.memory explains why: it would slow the timed steps).
 
+``--rounds N`` runs the whole grid N times, in alternating order (forwards, then backwards, ...), and
+reports each row's median step time, with the speed-ups of every round in the JSON and under the table:
+on a shared 2-core VM one row's time drifts by 10-20% from minute to minute, and a ratio of two rows
+timed minutes apart drifts with it.
+
 Two derived columns compare rows of one run: ``mem x`` is the step's peak over that of the same row with
 explicit attention, and ``vs ref`` is the speed-up over the release-equivalent step (fp32, explicit
 softmax attention, eager; through the loader, with the release's PIL augmentation when ``--augment``
@@ -36,7 +41,7 @@ import torch
 
 from bench.flops import count_flops
 from bench.memory import measure_step_memory
-from bench.step_table import add_comparisons, print_table
+from bench.step_table import add_comparisons, merge_rounds, print_rounds, print_table
 from dino_train.config import load_config
 from dino_train.core.schedules import StepValues
 from dino_train.runtime.device import pick_device
@@ -84,6 +89,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="print the N operators that take the most time in one more step (torch.profiler)",
     )
     p.add_argument("--no-isolate", action="store_true", help="run every configuration in this process")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the grid this many times in alternating order and report medians (see above)",
+    )
     p.add_argument("--row", default="", help=argparse.SUPPRESS)  # internal: one configuration, in a child
     p.add_argument("--peaks", default="", help=argparse.SUPPRESS)  # internal: the parent's matmul peaks
     return p.parse_args(argv)
@@ -244,6 +255,8 @@ def profile_step(step, device: torch.device, top: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.rounds < 1:
+        raise SystemExit(f"bench.train_step: --rounds must be at least 1, got {args.rounds}")
     resolve_shape(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -261,15 +274,23 @@ def main(argv: list[str] | None = None) -> int:
         combos = list(
             itertools.product(args.precision, args.compile, args.attention, args.checkpointing, augments)
         )
-    if args.row or args.no_isolate:
-        rows = [run_one(args, p, c == "on", a, k == "on", g, device, peaks) for p, c, a, k, g in combos]
-    else:
-        grid = {"--json", "--precision", "--compile", "--attention", "--checkpointing", "--augment"}
-        base = _strip(argv, grid)
-        rows = [run_isolated(base, combo, peaks) for combo in combos]
-    add_comparisons(rows)
+    base = _strip(argv, _GRID_OPTIONS)  # what a child gets: everything but the grid
+
+    def measure(combo: tuple[str, ...]) -> dict:
+        if args.row or args.no_isolate:
+            return run_one(args, *_combo_settings(combo), device, peaks)
+        return run_isolated(base, combo, peaks)
+
+    rounds = []
+    for r in range(1 if args.row else args.rounds):
+        order = combos if r % 2 == 0 else combos[::-1]  # alternate, so a slow drift hits every row alike
+        by_combo = {combo: measure(combo) for combo in order}
+        rounds.append([by_combo[c] for c in combos])
+        add_comparisons(rounds[-1])
+    rows = merge_rounds(rounds)
     if not args.row:
         print_table(rows)
+        print_rounds(rows)
     meta = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(),
@@ -277,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "isolated": not args.no_isolate,
+        "rounds": len(rounds),
         "load_avg_at_end": os.getloadavg(),
         "matmul_peak_gflops": {p: v / 1e9 for p, v in peaks.items()},
     }
@@ -285,6 +307,18 @@ def main(argv: list[str] | None = None) -> int:
     if not args.row:
         print(f"wrote {args.json}")
     return 0
+
+
+# The options that span the grid (a child process gets one combination of them as --row instead).
+_GRID_OPTIONS = {
+    "--json", "--precision", "--compile", "--attention", "--checkpointing", "--augment", "--rounds",
+}  # fmt: skip
+
+
+def _combo_settings(combo: tuple[str, ...]) -> tuple:
+    """(precision, compiled, attention, checkpointing, augment) of run_one from a grid combination."""
+    precision, compiled, attention, ckpt, augment = combo
+    return precision, compiled == "on", attention, ckpt == "on", augment
 
 
 def _strip(argv: list[str], options: set[str]) -> list[str]:

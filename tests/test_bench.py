@@ -86,3 +86,33 @@ def test_train_step_bench_through_the_loader_takes_the_pil_row_as_the_reference(
     no_data = [a for a in cmd if a not in ("--data", str(tiny_data / "train"))]
     done = subprocess.run(no_data, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode != 0 and "--augment needs --data" in done.stderr
+
+
+def _row(precision: str, step_s: float) -> dict:
+    return {"recipe": "", "arch": "vit_tiny/16", "batch": 2, "crops": "2x32+2x16", "precision": precision,
+            "compile": False, "attention": "explicit", "checkpointing": False, "augment": "random",
+            "step_s": step_s, "step_peak_mib": 10.0}  # fmt: skip
+
+
+def test_rounds_report_the_median_round_and_every_rounds_speedup():
+    from bench.step_table import add_comparisons, merge_rounds
+
+    times = [(0.60, 0.40), (0.66, 0.30), (0.57, 0.38)]  # (fp32, bf16) per round; round 2 drifted
+    rounds = []
+    for fp32, bf16 in times:
+        rounds.append([_row("fp32", fp32), _row("bf16", bf16)])
+        add_comparisons(rounds[-1])
+    ref, fast = merge_rounds(rounds)
+    assert ref["step_s"] == 0.60 and fast["step_s"] == 0.38  # each row's median round
+    assert fast["step_s_rounds"] == [0.40, 0.30, 0.38]
+    assert fast["speedup_vs_ref_rounds"] == pytest.approx([1.5, 2.2, 0.57 / 0.38])
+    assert fast["speedup_vs_ref"] == pytest.approx(0.60 / 0.38)  # between the medians
+    # One round: the row as measured, without per-round lists.
+    (single,) = merge_rounds([[_row("fp32", 0.5)]])
+    assert single["step_s"] == 0.5 and "step_s_rounds" not in single
+
+
+def test_rounds_below_one_are_refused():
+    cmd = [sys.executable, "-m", "bench.train_step", "--rounds", "0", "--json", "/dev/null"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode != 0 and "--rounds must be at least 1, got 0" in done.stderr
