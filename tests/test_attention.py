@@ -98,6 +98,18 @@ def test_cls_maps_are_the_cls_row_and_train_mode_is_restored(images):
     torch.testing.assert_close(cls.sum((-2, -1)), 1 - full[:, :, 0, 0])
 
 
+def test_cls_maps_of_a_vit_with_registers_skip_the_register_tokens(images):
+    """Registers (model.num_registers) sit between CLS and the patches: the map is the CLS row over the
+    patches only, so the long demo's grid and Jaccard see the image, not the registers."""
+    torch.manual_seed(0)
+    vit = build_backbone("vit_tiny", patch_size=8, img_size=32, timm_kwargs={"reg_tokens": 4}).eval()
+    cls = cls_attention_maps(vit, images)
+    full = attention_maps(vit, images)  # (B, heads, 1 + 4 + 15, 1 + 4 + 15)
+    assert full.shape[-1] == 1 + 4 + 3 * 5 and cls.shape == (2, 3, 3, 5)
+    torch.testing.assert_close(cls.flatten(2), full[:, :, 0, 5:], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(cls.sum((-2, -1)), 1 - full[:, :, 0, :5].sum(-1))
+
+
 def test_maps_of_a_compiled_backbone_are_those_of_the_plain_one(images):
     """train.compile compiles the backbones in place (Module.compile); their maps (the monitor's, the
     demo's) are computed eagerly, the same as without it, and nothing is compiled for them."""
