@@ -44,7 +44,7 @@ def print_rounds(rows: list[dict]) -> None:
         if "step_s_rounds" not in r:
             continue
         label = f"{r['arch']} {r['precision']} compile={r['compile']} {r['attention']}"
-        label += f" {r.get('augment', 'random')}"
+        label += f" ckpt={r['checkpointing']} {r.get('augment', 'random')}"
         line = f"  rounds: {label}: step s " + " / ".join(f"{t:.3f}" for t in r["step_s_rounds"])
         speedups = r["speedup_vs_ref_rounds"]
         if all(v is not None for v in speedups):

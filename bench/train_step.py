@@ -12,7 +12,7 @@ accounting switched on only then (bench.memory explains why: it would slow the t
 
 ``--rounds N`` runs the whole grid N times, in alternating order (forwards, then backwards, ...), and
 reports each row's median step time, with the speed-ups of every round in the JSON and under the table:
-on a shared 2-core VM one row's time drifts by 10-20% from minute to minute, and a ratio of two rows
+on a shared 2-core VM one row's time drifts by up to 25% from minute to minute, and a ratio of two rows
 timed minutes apart drifts with it.
 
 Two derived columns compare rows of one run: ``mem x`` is the step's peak over that of the same row with
@@ -257,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.rounds < 1:
         raise SystemExit(f"bench.train_step: --rounds must be at least 1, got {args.rounds}")
+    if args.rounds > 1 and args.no_isolate:
+        # The first row's memory measurement leaves exact CPU accounting on in this process (bench.memory),
+        # which slows every later row: rounds would compare unequal runs.
+        raise SystemExit("bench.train_step: --rounds needs isolated runs (drop --no-isolate)")
     resolve_shape(args)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,4 +1,5 @@
-"""The benchmarks' own measuring: CPU step memory accounting and the train-step table's comparisons."""
+"""The benchmarks' own measuring: CPU step memory accounting, the train-step table's comparisons and its
+rounds."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,6 +21,7 @@ def _python(code: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_cpu_step_memory_sees_a_known_peak_and_not_what_was_held_before():
     # A fresh interpreter: exact accounting changes this process's allocator for good.
     out = _python(
@@ -40,19 +40,22 @@ def test_cpu_step_memory_sees_a_known_peak_and_not_what_was_held_before():
     assert 90 <= peak <= 110, peak
 
 
+@pytest.mark.slow
 def test_train_step_bench_rows_compare_with_explicit_attention_and_the_reference(tmp_path):
     out = tmp_path / "step.json"
     cmd = [
         sys.executable, "-m", "bench.train_step", "--arch", "vit_tiny", "--patch", "16", "--batch", "2",
         "--global-size", "32", "--local-size", "16", "--local-crops", "2", "--out-dim", "256",
         "--precision", "fp32", "--attention", "fused", "explicit", "--steps", "1", "--threads", "1",
-        "--json", str(out),
+        "--rounds", "2", "--json", str(out),
     ]  # fmt: skip
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     assert "mem x" in done.stdout and "vs ref" in done.stdout
+    assert done.stdout.count("  rounds: ") == 2  # one line per row, each round's times
     data = json.loads(out.read_text())
-    assert data["meta"]["isolated"] is True
+    assert data["meta"]["isolated"] is True and data["meta"]["rounds"] == 2
+    assert all(len(r["step_s_rounds"]) == 2 and r["step_s"] in r["step_s_rounds"] for r in data["rows"])
     rows = {r["attention"]: r for r in data["rows"]}
     assert set(rows) == {"fused", "explicit"}
     # The explicit fp32 eager row is the reference for both comparisons.
@@ -64,6 +67,7 @@ def test_train_step_bench_rows_compare_with_explicit_attention_and_the_reference
         assert 0 < r["mfu"] < 1.5
 
 
+@pytest.mark.slow
 def test_train_step_bench_through_the_loader_takes_the_pil_row_as_the_reference(tmp_path, tiny_data):
     """--augment auto pil: the same fp32 explicit step through the loader on both augmentation paths; the
     release's PIL path is the reference of the whole loop."""
@@ -88,10 +92,10 @@ def test_train_step_bench_through_the_loader_takes_the_pil_row_as_the_reference(
     assert done.returncode != 0 and "--augment needs --data" in done.stderr
 
 
-def _row(precision: str, step_s: float) -> dict:
+def _row(precision: str, step_s: float, mib: float = 10.0) -> dict:
     return {"recipe": "", "arch": "vit_tiny/16", "batch": 2, "crops": "2x32+2x16", "precision": precision,
             "compile": False, "attention": "explicit", "checkpointing": False, "augment": "random",
-            "step_s": step_s, "step_peak_mib": 10.0}  # fmt: skip
+            "step_s": step_s, "step_peak_mib": mib}  # fmt: skip
 
 
 def test_rounds_report_the_median_round_and_every_rounds_speedup():
@@ -99,11 +103,12 @@ def test_rounds_report_the_median_round_and_every_rounds_speedup():
 
     times = [(0.60, 0.40), (0.66, 0.30), (0.57, 0.38)]  # (fp32, bf16) per round; round 2 drifted
     rounds = []
-    for fp32, bf16 in times:
-        rounds.append([_row("fp32", fp32), _row("bf16", bf16)])
+    for i, (fp32, bf16) in enumerate(times):
+        rounds.append([_row("fp32", fp32, mib=10.0 + i), _row("bf16", bf16, mib=20.0 + i)])
         add_comparisons(rounds[-1])
     ref, fast = merge_rounds(rounds)
     assert ref["step_s"] == 0.60 and fast["step_s"] == 0.38  # each row's median round
+    assert ref["step_peak_mib"] == 10.0 and fast["step_peak_mib"] == 22.0  # the whole row of that round
     assert fast["step_s_rounds"] == [0.40, 0.30, 0.38]
     assert fast["speedup_vs_ref_rounds"] == pytest.approx([1.5, 2.2, 0.57 / 0.38])
     assert fast["speedup_vs_ref"] == pytest.approx(0.60 / 0.38)  # between the medians
@@ -112,7 +117,10 @@ def test_rounds_report_the_median_round_and_every_rounds_speedup():
     assert single["step_s"] == 0.5 and "step_s_rounds" not in single
 
 
-def test_rounds_below_one_are_refused():
+def test_rounds_below_one_or_without_isolation_are_refused():
     cmd = [sys.executable, "-m", "bench.train_step", "--rounds", "0", "--json", "/dev/null"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode != 0 and "--rounds must be at least 1, got 0" in done.stderr
+    cmd = [sys.executable, "-m", "bench.train_step", "--rounds", "2", "--no-isolate", "--json", "/dev/null"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode != 0 and "--rounds needs isolated runs" in done.stderr
