@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_isolated(base, combo, peaks)
 
     rounds = []
-    for r in range(1 if args.row else args.rounds):
+    for r in range(args.rounds):  # a child (--row) gets no --rounds: one
         order = combos if r % 2 == 0 else combos[::-1]  # alternate, so a slow drift hits every row alike
         by_combo = {combo: measure(combo) for combo in order}
         rounds.append([by_combo[c] for c in combos])
