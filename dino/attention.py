@@ -134,7 +134,8 @@ def attention_jaccard(
     mask, for the head mean (``.mean``) and each head (``.per_head``), averaged over the images under
     ``images_dir`` that have a mask at the same relative path under ``masks_dir`` (nonzero = object).
     ``.references`` holds the same measure for two maps without a model (the other masks' mean, attention
-    even on the object), to read the number against. ``image_size``: short side after resizing (None: as
+    even on the object), to read the number against; ``.per_image`` and ``.per_image_heads`` each image's
+    own scores, the images in sorted path order. ``image_size``: short side after resizing (None: as
     stored). ``model`` runs on its own device.
     """
     for name, folder in (("images_dir", images_dir), ("masks_dir", masks_dir)):

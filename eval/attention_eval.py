@@ -7,7 +7,8 @@ Each image under ``--images`` that has a mask under ``--masks`` at the same rela
 extension; nonzero pixels are the object) is resized (``--image-size``, short side; 0 keeps it), its
 last block's CLS attention thresholded to the fewest patches holding ``--threshold`` of the mass (per
 head and for the head mean), and the Jaccard index with the object mask computed per image; the
-averages are printed and written to ``attention_jaccard.json`` with a figure of a few images.
+averages are printed and written to ``attention_jaccard.json``, with each image's own scores under
+``per_image`` (which images the attention misses), and a figure of a few images.
 
 Two rows need no model and say what the number means on this set: the same measure for one map shared
 by every image, the mean of the other images' masks (where the objects usually are: attention that finds
@@ -25,7 +26,7 @@ from pathlib import Path
 from dino_train.runtime.device import DeviceError, pick_device
 from dino_train.runtime.files import CheckpointError, check_writable_dir
 from eval.attention import unwrap_vit
-from eval.attention_jaccard import EVEN, PRIOR, folder_jaccard, paired_files
+from eval.attention_jaccard import EVEN, PRIOR, JaccardResult, folder_jaccard, paired_files
 from eval.cli import HelpFormatter
 from eval.common import (
     add_backbone_args,
@@ -77,10 +78,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             **result.as_dict(), "threshold": args.threshold, "image_size": args.image_size,
             "images_dir": str(args.images), "masks_dir": str(args.masks),
             "backbone": backbone_record(info), "settings": settings_record(args, device, 1),
+            "per_image": per_image_rows(result, args.images, args.masks),
         })  # fmt: skip
         _figure(model, args)
         print(f"results in {args.output_dir / RESULTS_FILE}")
     return 0
+
+
+def per_image_rows(result: JaccardResult, images_dir: Path, masks_dir: Path) -> list[dict]:
+    """One JSON row per image of ``folder_jaccard(model, images_dir, masks_dir)``, in the order it scored
+    them (``paired_files``): the image and mask paths relative to their folders, the head-mean Jaccard
+    and each head's."""
+    pairs = paired_files(images_dir, masks_dir)
+    if len(pairs) != len(result.per_image):
+        raise ValueError(f"{len(pairs)} image/mask pairs but {len(result.per_image)} per-image scores")
+    rows = []
+    for (img, mask), mean, heads in zip(pairs, result.per_image, result.per_image_heads, strict=True):
+        rel_img, rel_mask = str(img.relative_to(images_dir)), str(mask.relative_to(masks_dir))
+        rows.append({"image": rel_img, "mask": rel_mask, "mean": mean, "per_head": heads})
+    return rows
 
 
 def _figure(model, args: argparse.Namespace) -> None:

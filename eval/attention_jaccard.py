@@ -41,6 +41,11 @@ class JaccardResult:
     best_head: float  # the best of per_head (the paper's ViT numbers use the best head)
     images: int
     references: dict[str, float] = field(default_factory=dict)  # reference_jaccards of the same masks
+    # Each image's own scores (%), in input order: the averages hide which images the attention misses
+    # (on the embedded set, a head that lights the brighter region scores ~60 where the object is the
+    # brighter one and ~5 where it is not). Left out of as_dict: the training log keeps the averages.
+    per_image: list[float] = field(default_factory=list)  # the head-mean mask's Jaccard
+    per_image_heads: list[list[float]] = field(default_factory=list)  # each head's
 
     def as_dict(self) -> dict:
         return {
@@ -137,9 +142,12 @@ def attention_jaccard(
         target = mask.to(device).bool()
         heads.append(jaccard(upsample(s.head_masks, p)[0], target))
         means.append(jaccard(upsample(s.mean_mask, p)[0, 0], target))
-    per_head = (100 * torch.stack(heads).mean(0)).tolist()
+    heads_t, means_t = 100 * torch.stack(heads).cpu(), 100 * torch.stack(means).cpu()
+    per_head = heads_t.mean(0).tolist()
     refs = reference_jaccards(masks, p, threshold)
-    return JaccardResult(float(100 * torch.stack(means).mean()), per_head, max(per_head), len(images), refs)
+    return JaccardResult(
+        float(means_t.mean()), per_head, max(per_head), len(images), refs, means_t.tolist(), heads_t.tolist()
+    )
 
 
 def _load_mask(path: Path, size: tuple[int, int], patch: int) -> Tensor:

@@ -138,6 +138,7 @@ def test_attention_jaccard_is_eval_attentions_measure(model, tiny_data, tmp_path
     got = dino.attention_jaccard(model, images, masks, image_size=48)
     want = folder_jaccard(model, images, masks, image_size=48)
     assert got.as_dict() == want.as_dict() and got.images == len(list(masks.rglob("*.png")))
+    assert got.per_image == want.per_image and len(got.per_image) == got.images
     assert set(got.references) == {"masks_mean", "even_on_object"}
     with pytest.raises(ValueError, match="masks_dir .*nowhere is not a folder"):
         dino.attention_jaccard(model, str(images), tmp_path / "nowhere")

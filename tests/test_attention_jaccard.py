@@ -3,6 +3,7 @@ index by hand, the pixel alignment of the patch masks with the object masks, and
 the embedded set's val images and their object masks."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,6 +91,9 @@ def test_the_attention_masks_own_pixels_score_100_and_their_complement_0(vit):
     assert 0 < own.sum() < own.numel()
     assert attention_jaccard(vit, [img], [own]).mean == pytest.approx(100.0)
     assert attention_jaccard(vit, [img], [~own]).mean == pytest.approx(0.0)
+    both = attention_jaccard(vit, [img, img], [own, ~own])  # per image, in input order
+    assert both.per_image == pytest.approx([100.0, 0.0]) and both.mean == pytest.approx(50.0)
+    assert len(both.per_image_heads) == 2 and all(len(h) == 3 for h in both.per_image_heads)
     with pytest.raises(ValueError, match="as many masks as images"):
         attention_jaccard(vit, [img], [])
 
@@ -109,6 +113,16 @@ def test_eval_attention_end_to_end(tiny_data, backbone_file, tmp_path, capsys):
     _, loaded = load_masked_images(images, masks, 8)
     assert res["references"] == pytest.approx(reference_jaccards(loaded, 8))
     assert (tmp_path / "out" / "attention_jaccard.png").stat().st_size > 0
+    # Each image's own scores, named by its path: they average to the reported numbers.
+    rows = res["per_image"]
+    assert len(rows) == n_masks and sorted(r["mask"] for r in rows) == sorted(
+        str(m.relative_to(masks)) for m in masks.rglob("*.png")
+    )
+    for r in rows:
+        assert (images / r["image"]).is_file() and Path(r["image"]).stem == Path(r["mask"]).stem
+    assert sum(r["mean"] for r in rows) / n_masks == pytest.approx(res["mean"])
+    for h, head_mean in enumerate(res["per_head"]):
+        assert sum(r["per_head"][h] for r in rows) / n_masks == pytest.approx(head_mean)
     printed = capsys.readouterr().out
     assert "attention Jaccard on" in printed and "no model: the other masks' mean" in printed
     assert set(res["references"]) == {PRIOR, EVEN} == {"masks_mean", "even_on_object"}
