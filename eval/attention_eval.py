@@ -8,7 +8,9 @@ extension; nonzero pixels are the object) is resized (``--image-size``, short si
 last block's CLS attention thresholded to the fewest patches holding ``--threshold`` of the mass (per
 head and for the head mean), and the Jaccard index with the object mask computed per image; the
 averages are printed and written to ``attention_jaccard.json``, with each image's own scores under
-``per_image`` (which images the attention misses), and a figure of a few images.
+``per_image`` (which images the attention misses), and a figure of a few images. The head mean is also
+averaged apart over the images whose object is brighter than the rest and those where it is darker:
+attention drawn to bright regions rather than to objects shows as a gap between the two.
 
 Two rows need no model and say what the number means on this set: the same measure for one map shared
 by every image, the mean of the other images' masks (where the objects usually are: attention that finds
@@ -26,7 +28,7 @@ from pathlib import Path
 from dino_train.runtime.device import DeviceError, pick_device
 from dino_train.runtime.files import CheckpointError, check_writable_dir
 from eval.attention import unwrap_vit
-from eval.attention_jaccard import EVEN, PRIOR, JaccardResult, folder_jaccard, paired_files
+from eval.attention_jaccard import BRIGHTER, DARKER, EVEN, PRIOR, JaccardResult, folder_jaccard, paired_files
 from eval.cli import HelpFormatter
 from eval.common import (
     add_backbone_args,
@@ -72,12 +74,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [["mean of heads", result.mean]] + [[f"head {i}", j] for i, j in enumerate(result.per_head)]
     labels = {PRIOR: "no model: the other masks' mean", EVEN: "no model: even on the object"}
     rows += [[label, result.references[key]] for key, label in labels.items() if key in result.references]
+    counts = {BRIGHTER: sum(result.object_brighter), DARKER: result.images - sum(result.object_brighter)}
+    rows += [[f"mean of heads, {group} ({counts[group]})", j] for group, j in result.by_brightness().items()]
     print_table(["mask from", "Jaccard %"], rows)
     if args.output_dir:
         write_json(args.output_dir / RESULTS_FILE, {
             **result.as_dict(), "threshold": args.threshold, "image_size": args.image_size,
             "images_dir": str(args.images), "masks_dir": str(args.masks),
             "backbone": backbone_record(info), "settings": settings_record(args, device, 1),
+            "by_brightness": result.by_brightness(),
             "per_image": per_image_rows(result, args.images, args.masks),
         })  # fmt: skip
         _figure(model, args)
@@ -87,15 +92,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def per_image_rows(result: JaccardResult, images_dir: Path, masks_dir: Path) -> list[dict]:
     """One JSON row per image of ``folder_jaccard(model, images_dir, masks_dir)``, in the order it scored
-    them (``paired_files``): the image and mask paths relative to their folders, the head-mean Jaccard
-    and each head's."""
+    them (``paired_files``): the image and mask paths relative to their folders, the head-mean Jaccard,
+    each head's, and whether the object is the brighter region."""
     pairs = paired_files(images_dir, masks_dir)
     if len(pairs) != len(result.per_image):
         raise ValueError(f"{len(pairs)} image/mask pairs but {len(result.per_image)} per-image scores")
     rows = []
-    for (img, mask), mean, heads in zip(pairs, result.per_image, result.per_image_heads, strict=True):
+    scores = zip(pairs, result.per_image, result.per_image_heads, result.object_brighter, strict=True)
+    for (img, mask), mean, heads, brighter in scores:
         rel_img, rel_mask = str(img.relative_to(images_dir)), str(mask.relative_to(masks_dir))
-        rows.append({"image": rel_img, "mask": rel_mask, "mean": mean, "per_head": heads})
+        rows.append(
+            {"image": rel_img, "mask": rel_mask, "mean": mean, "per_head": heads, "object_brighter": brighter}
+        )
     return rows
 
 

@@ -23,7 +23,7 @@ from torchvision.transforms import functional as TF
 from dino_train.data import IMAGE_EXTENSIONS
 from dino_train.data.datasets import load_rgb
 from dino_train.data.transforms import BICUBIC
-from eval.attention import prepare_image, summarize, threshold_masks, upsample, vit_patch_size
+from eval.attention import denormalize, prepare_image, summarize, threshold_masks, upsample, vit_patch_size
 
 
 def jaccard(a: Tensor, b: Tensor) -> Tensor:
@@ -46,6 +46,17 @@ class JaccardResult:
     # brighter one and ~5 where it is not). Left out of as_dict: the training log keeps the averages.
     per_image: list[float] = field(default_factory=list)  # the head-mean mask's Jaccard
     per_image_heads: list[list[float]] = field(default_factory=list)  # each head's
+    object_brighter: list[bool] = field(default_factory=list)  # per image: see object_is_brighter
+
+    def by_brightness(self) -> dict[str, float]:
+        """The head-mean Jaccard (%) averaged over the images whose object is brighter than the rest of
+        the image (``BRIGHTER``) and over those where it is darker (``DARKER``); a group without images
+        is left out. Attention that lights the brighter region, not the object, scores high in one
+        group and near 0 in the other."""
+        groups: dict[str, list[float]] = {BRIGHTER: [], DARKER: []}
+        for score, brighter in zip(self.per_image, self.object_brighter, strict=True):
+            groups[BRIGHTER if brighter else DARKER].append(score)
+        return {name: sum(v) / len(v) for name, v in groups.items() if v}
 
     def as_dict(self) -> dict:
         return {
@@ -59,6 +70,7 @@ class JaccardResult:
 
 PRIOR = "masks_mean"  # the keys of reference_jaccards (JSON keys too)
 EVEN = "even_on_object"
+BRIGHTER, DARKER = "object brighter", "object darker"  # the keys of JaccardResult.by_brightness
 _CANVAS = 64  # side of the square the masks are averaged on, whatever their sizes
 
 
@@ -116,6 +128,18 @@ def _mean(values: Iterable[float]) -> float:
     return 100 * sum(values) / len(values)
 
 
+def object_is_brighter(image: Tensor, mask: Tensor) -> bool:
+    """Whether the object's mean luminance (Rec. 601 luma of the de-normalised RGB) is above the rest of
+    the image's. ``image``: ImageNet-normalised (1, 3, H, W); ``mask``: bool (H, W). An empty or full
+    mask has nothing to compare: False."""
+    rgb = denormalize(image.float().cpu())[0]
+    luma = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+    mask = mask.cpu().bool()
+    if not 0 < int(mask.sum()) < mask.numel():
+        return False
+    return bool(luma[mask].mean() > luma[~mask].mean())
+
+
 def describe_references(refs: dict[str, float]) -> str:
     """The references in words, as the demo and the training monitor print them."""
     parts = []
@@ -145,8 +169,16 @@ def attention_jaccard(
     heads_t, means_t = 100 * torch.stack(heads).cpu(), 100 * torch.stack(means).cpu()
     per_head = heads_t.mean(0).tolist()
     refs = reference_jaccards(masks, p, threshold)
+    brighter = [object_is_brighter(img, mask) for img, mask in zip(images, masks, strict=True)]
     return JaccardResult(
-        float(means_t.mean()), per_head, max(per_head), len(images), refs, means_t.tolist(), heads_t.tolist()
+        float(means_t.mean()),
+        per_head,
+        max(per_head),
+        len(images),
+        refs,
+        means_t.tolist(),
+        heads_t.tolist(),
+        brighter,
     )
 
 

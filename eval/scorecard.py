@@ -84,7 +84,8 @@ def evaluate_linear(
 def score_backbone(model: nn.Module, root: str | Path, size: int, verbose: bool = True) -> dict[str, float]:
     """Top-1 % of k-NN and a linear probe on ``root/val`` (images resized and centre-cropped to ``size``:
     the whole image when it is that size), and the head-mean attention Jaccard % on the val images that
-    have a mask in ``root/val_masks`` (ViTs only; absent otherwise). ``verbose``: print the sizes."""
+    have a mask in ``root/val_masks`` (ViTs only; absent otherwise), also apart over the images whose
+    object is brighter and darker than the rest. ``verbose``: print the sizes."""
     root = Path(root)
     if verbose:
         print(sizes_line(size), flush=True)
@@ -94,5 +95,7 @@ def score_backbone(model: nn.Module, root: str | Path, size: int, verbose: bool 
     scores = {f"k-NN k={k}": top1 for k, (top1, _) in knn.items()}
     scores["linear probe"] = evaluate_linear(model, root / "train", root / "val", resize=size, crop=size)
     if (root / MASKS).is_dir() and hasattr(model, "blocks"):
-        scores["attention Jaccard"] = folder_jaccard(model, root / "val", root / MASKS).mean
+        result = folder_jaccard(model, root / "val", root / MASKS)
+        scores["attention Jaccard"] = result.mean
+        scores.update({f"Jaccard, {group}": j for group, j in result.by_brightness().items()})
     return scores

@@ -179,20 +179,20 @@ def print_report(report: dict[str, Any], targets: dict[str, float]) -> None:
         f"\non the held-out split after {report['steps']} steps (top-1 %; linear: last blocks' CLS tokens, "
         "standardised, cached; Jaccard: head-mean attention's 60% mask vs the object, shape classes):"
     )
-    print(f"{'':>18} | {'random init':>11} | {'DINO teacher':>12} | target")
+    print(f"{'':>24} | {'random init':>11} | {'DINO teacher':>12} | target")
     for row, value in scores["DINO teacher"].items():
         goal = targets.get(row)
         mark = "" if goal is None else f">= {goal:g} {'met' if value >= goal else 'NOT met'}"
-        print(f"{row:>18} | {scores['random init'][row]:>11.1f} | {value:>12.1f} | {mark}")
+        print(f"{row:>24} | {scores['random init'][row]:>11.1f} | {value:>12.1f} | {mark}")
         refs = report.get("attention references")
         if row == "attention Jaccard" and refs:
-            print(f"{'':>18} | {describe_references(refs)}")
+            print(f"{'':>24} | {describe_references(refs)}")
     (l0, l1), (e0, e1) = report["loss"], report["entropy ratio"]
     goal = targets.get("entropy ratio")
     mark = "" if goal is None else f"<= {goal:g} {'met' if e1 <= goal else 'NOT met'}"
-    print(f"{'DINO loss':>18} | {l0:>11.2f} -> {l1:.2f} (ln K = {report['ln_K']:.2f})")
-    print(f"{'teacher entropy':>18} | {e0:>11.2f} -> {e1:.2f} of ln K {mark}")
-    print(f"{'health warnings':>18} | {len(report['warnings'])}")
+    print(f"{'DINO loss':>24} | {l0:>11.2f} -> {l1:.2f} (ln K = {report['ln_K']:.2f})")
+    print(f"{'teacher entropy':>24} | {e0:>11.2f} -> {e1:.2f} of ln K {mark}")
+    print(f"{'health warnings':>24} | {len(report['warnings'])}")
 
 
 def attention_grid(result: TrainResult, root: Path, out: Path) -> Path:

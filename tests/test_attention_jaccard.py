@@ -5,18 +5,24 @@ the embedded set's val images and their object masks."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from eval import attention_eval
 from eval.attention import summarize, upsample
 from eval.attention_jaccard import (
+    BRIGHTER,
+    DARKER,
     EVEN,
     PRIOR,
+    JaccardResult,
     attention_jaccard,
     folder_jaccard,
     jaccard,
     load_masked_images,
+    object_is_brighter,
     reference_jaccards,
 )
 from eval.loading import load_backbone
@@ -39,6 +45,34 @@ def _box(h: int, w: int, rows: slice, cols: slice) -> torch.Tensor:
     m = torch.zeros(h, w, dtype=torch.bool)
     m[rows, cols] = True
     return m
+
+
+def _normalised(rgb: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    return ((rgb - mean) / std)[None]
+
+
+def test_object_brightness_by_hand():
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[4:12, 4:12] = True
+    light_object = torch.where(mask, 0.9, 0.2).expand(3, 16, 16)
+    assert object_is_brighter(_normalised(light_object), mask) is True
+    assert object_is_brighter(_normalised(1.0 - light_object), mask) is False
+    # Luma, not the channel sum: a green object (0.6 green: luma 0.35, sum 0.6) on a red-blue field
+    # (0.5 red, 1.0 blue: luma 0.26, sum 1.5) is the brighter one.
+    field = (~mask).float()
+    green_on_purple = torch.stack([0.5 * field, 0.6 * mask.float(), field])
+    assert object_is_brighter(_normalised(green_on_purple), mask) is True
+    for nothing_to_compare in (torch.zeros_like(mask), torch.ones_like(mask)):
+        assert object_is_brighter(_normalised(light_object), nothing_to_compare) is False
+
+
+def test_jaccard_by_brightness_by_hand():
+    res = JaccardResult(0.0, [], 0.0, 3, per_image=[60.0, 4.0, 50.0], object_brighter=[True, False, True])
+    assert res.by_brightness() == pytest.approx({BRIGHTER: 55.0, DARKER: 4.0})
+    res.object_brighter = [True, True, True]  # a group without images is left out
+    assert res.by_brightness() == pytest.approx({BRIGHTER: 38.0})
 
 
 def test_reference_jaccards_by_hand():
@@ -123,8 +157,22 @@ def test_eval_attention_end_to_end(tiny_data, backbone_file, tmp_path, capsys):
     assert sum(r["mean"] for r in rows) / n_masks == pytest.approx(res["mean"])
     for h, head_mean in enumerate(res["per_head"]):
         assert sum(r["per_head"][h] for r in rows) / n_masks == pytest.approx(head_mean)
+    # Whether each object is the brighter region, checked on the files themselves (PIL's luma).
+    for r in rows:
+        luma = np.asarray(Image.open(images / r["image"]).convert("L"), dtype=float)
+        inside = np.asarray(Image.open(masks / r["mask"]).convert("L")) > 127
+        assert r["object_brighter"] == bool(luma[inside].mean() > luma[~inside].mean()), r
+    groups = {
+        True: [r["mean"] for r in rows if r["object_brighter"]],
+        False: [r["mean"] for r in rows if not r["object_brighter"]],
+    }
+    assert all(groups.values())  # the embedded set draws either polarity
+    assert res["by_brightness"] == pytest.approx(
+        {BRIGHTER: sum(groups[True]) / len(groups[True]), DARKER: sum(groups[False]) / len(groups[False])}
+    )
     printed = capsys.readouterr().out
     assert "attention Jaccard on" in printed and "no model: the other masks' mean" in printed
+    assert f"mean of heads, {BRIGHTER} ({len(groups[True])})" in printed
     assert set(res["references"]) == {PRIOR, EVEN} == {"masks_mean", "even_on_object"}
     # A masks folder that matches no image is an input error (exit 2) naming both folders.
     (tmp_path / "none").mkdir()
