@@ -187,6 +187,7 @@ def test_the_monitor_logs_the_attention_jaccard_of_the_teacher(healthy_run, tiny
     assert rows[-1]["mean"] == pytest.approx(expected.mean, abs=1e-4)
     assert rows[-1]["per_head"] == pytest.approx(expected.per_head, abs=1e-4)
     assert rows[-1]["references"] == pytest.approx(expected.references)  # the same masks, no model
+    assert rows[-1]["by_brightness"] == pytest.approx(expected.by_brightness(), abs=1e-4)
     assert summarize(read_log(out))["last_jaccard"]["references"] == rows[-1]["references"]
 
 
@@ -247,6 +248,7 @@ def test_tensorboard_serves_the_scalars(healthy_run):
             "knn/knn_top1_k5",
             "attention/jaccard_mean",
             "attention/jaccard_head0",
+            "attention/jaccard_object_brighter",
         ):
             assert tag in run_tags, tag
         images = get_json(f"{base}/data/plugin/images/tags")

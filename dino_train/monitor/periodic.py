@@ -97,11 +97,16 @@ class PeriodicJaccard(EpochHook):
             return
         result = attention_jaccard(state.mods.teacher.backbone, self.images, self.masks)
         heads = {f"jaccard_head{i}": v for i, v in enumerate(result.per_head)}
-        self.monitor.scalars(state.step, {"jaccard_mean": result.mean, **heads}, prefix="attention")
-        self.monitor.record("jaccard", state.step, {"epoch": epoch, **result.as_dict()})
+        split = result.by_brightness()  # attention drawn to bright regions shows as a gap between the two
+        by_group = {f"jaccard_{group.replace(' ', '_')}": v for group, v in split.items()}
+        scalars = {"jaccard_mean": result.mean, **heads, **by_group}
+        self.monitor.scalars(state.step, scalars, prefix="attention")
+        record = {"epoch": epoch, **result.as_dict(), "by_brightness": split}
+        self.monitor.record("jaccard", state.step, record)
         per_head = " / ".join(f"{v:.1f}" for v in result.per_head)
+        groups = ", ".join(f"{group} {v:.1f}" for group, v in split.items())
         self.monitor.message(
-            f"epoch {epoch}: attention Jaccard {result.mean:.1f}% (head mean; per head {per_head}) "
+            f"epoch {epoch}: attention Jaccard {result.mean:.1f}% (head mean; per head {per_head}; {groups}) "
             f"on {result.images} masked val images; {describe_references(result.references)}"
         )
 
