@@ -196,17 +196,31 @@ def print_report(report: dict[str, Any], targets: dict[str, float]) -> None:
 
 
 def attention_grid(result: TrainResult, root: Path, out: Path) -> Path:
-    """The last block's CLS attention (mean and heads, 60% masks) on one val image of each of four shape
-    classes."""
-    from dino_train.data.embedded import MASKS, SHAPE_CLASSES
+    """The last block's CLS attention (mean and heads, 60% masks) on the val images of ``grid_images``."""
     from eval.visualize import write_attention_grid
 
-    images = [
-        sorted((root / "val" / c).glob("*.png"))[0] for c in SHAPE_CLASSES[:4] if (root / MASKS / c).is_dir()
-    ]
     return write_attention_grid(
-        result.teacher.backbone.cpu().float(), images, out / "attention_grid.png", image_size=None
+        result.teacher.backbone.cpu().float(), grid_images(root), out / "attention_grid.png", image_size=None
     )
+
+
+def grid_images(root: Path, count: int = 4) -> list[Path]:
+    """One val image of each of the first ``count`` shape classes, the object alternately darker and
+    brighter than its background (the first such image of its class; the class's first image if it has
+    none): the data draws both, and a teacher's attention may favour one, so the grid shows both."""
+    from dino_train.data.embedded import MASKS, SHAPE_CLASSES
+    from eval.attention_jaccard import load_masked_images, object_is_brighter, paired_files
+
+    classes = [c for c in SHAPE_CLASSES if (root / MASKS / c).is_dir()][:count]
+    picked = []
+    for i, name in enumerate(classes):
+        images_dir, masks_dir = root / "val" / name, root / MASKS / name
+        pairs = paired_files(images_dir, masks_dir)
+        images, masks = load_masked_images(images_dir, masks_dir, 1)
+        brighter = [object_is_brighter(x, m) for x, m in zip(images, masks, strict=True)]
+        wanted = [img for (img, _), b in zip(pairs, brighter, strict=True) if b == (i % 2 == 1)]
+        picked.append(wanted[0] if wanted else pairs[0][0])
+    return picked
 
 
 if __name__ == "__main__":
