@@ -135,8 +135,9 @@ def attention_jaccard(
     ``images_dir`` that have a mask at the same relative path under ``masks_dir`` (nonzero = object).
     ``.references`` holds the same measure for two maps without a model (the other masks' mean, attention
     even on the object), to read the number against; ``.per_image`` and ``.per_image_heads`` each image's
-    own scores, the images in sorted path order. ``image_size``: short side after resizing (None: as
-    stored). ``model`` runs on its own device.
+    own scores, the images in sorted path order; ``.by_brightness()`` the head mean apart over the images
+    whose object is brighter and darker than the rest (``.object_brighter`` per image). ``image_size``:
+    short side after resizing (None: as stored). ``model`` runs on its own device.
     """
     for name, folder in (("images_dir", images_dir), ("masks_dir", masks_dir)):
         if not Path(folder).is_dir():

@@ -28,7 +28,7 @@ from pathlib import Path
 from dino_train.runtime.device import DeviceError, pick_device
 from dino_train.runtime.files import CheckpointError, check_writable_dir
 from eval.attention import unwrap_vit
-from eval.attention_jaccard import BRIGHTER, DARKER, EVEN, PRIOR, JaccardResult, folder_jaccard, paired_files
+from eval.attention_jaccard import EVEN, PRIOR, JaccardResult, folder_jaccard, paired_files
 from eval.cli import HelpFormatter
 from eval.common import (
     add_backbone_args,
@@ -74,15 +74,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [["mean of heads", result.mean]] + [[f"head {i}", j] for i, j in enumerate(result.per_head)]
     labels = {PRIOR: "no model: the other masks' mean", EVEN: "no model: even on the object"}
     rows += [[label, result.references[key]] for key, label in labels.items() if key in result.references]
-    counts = {BRIGHTER: sum(result.object_brighter), DARKER: result.images - sum(result.object_brighter)}
-    rows += [[f"mean of heads, {group} ({counts[group]})", j] for group, j in result.by_brightness().items()]
+    for group, scores in result.brightness_groups().items():
+        rows.append([f"mean of heads, {group} ({len(scores)})", sum(scores) / len(scores)])
     print_table(["mask from", "Jaccard %"], rows)
     if args.output_dir:
         write_json(args.output_dir / RESULTS_FILE, {
             **result.as_dict(), "threshold": args.threshold, "image_size": args.image_size,
             "images_dir": str(args.images), "masks_dir": str(args.masks),
             "backbone": backbone_record(info), "settings": settings_record(args, device, 1),
-            "by_brightness": result.by_brightness(),
             "per_image": per_image_rows(result, args.images, args.masks),
         })  # fmt: skip
         _figure(model, args)

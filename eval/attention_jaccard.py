@@ -42,21 +42,26 @@ class JaccardResult:
     images: int
     references: dict[str, float] = field(default_factory=dict)  # reference_jaccards of the same masks
     # Each image's own scores (%), in input order: the averages hide which images the attention misses
-    # (on the embedded set, a head that lights the brighter region scores ~60 where the object is the
-    # brighter one and ~5 where it is not). Left out of as_dict: the training log keeps the averages.
+    # (on the embedded set, attention that follows brightness scores near the ceiling where the object is
+    # the brighter region and near 0 where it is not). Left out of as_dict: the log keeps the averages.
     per_image: list[float] = field(default_factory=list)  # the head-mean mask's Jaccard
     per_image_heads: list[list[float]] = field(default_factory=list)  # each head's
-    object_brighter: list[bool] = field(default_factory=list)  # per image: see object_is_brighter
+    object_brighter: list[bool | None] = field(default_factory=list)  # per image: see object_is_brighter
 
-    def by_brightness(self) -> dict[str, float]:
-        """The head-mean Jaccard (%) averaged over the images whose object is brighter than the rest of
-        the image (``BRIGHTER``) and over those where it is darker (``DARKER``); a group without images
-        is left out. Attention that lights the brighter region, not the object, scores high in one
-        group and near 0 in the other."""
+    def brightness_groups(self) -> dict[str, list[float]]:
+        """The per-image head-mean scores of the images whose object is brighter than the rest of the
+        image (``BRIGHTER``) and of those where it is darker (``DARKER``); images whose mask is empty or
+        full are in neither, and a group without images is left out."""
         groups: dict[str, list[float]] = {BRIGHTER: [], DARKER: []}
         for score, brighter in zip(self.per_image, self.object_brighter, strict=True):
-            groups[BRIGHTER if brighter else DARKER].append(score)
-        return {name: sum(v) / len(v) for name, v in groups.items() if v}
+            if brighter is not None:
+                groups[BRIGHTER if brighter else DARKER].append(score)
+        return {name: scores for name, scores in groups.items() if scores}
+
+    def by_brightness(self) -> dict[str, float]:
+        """The head-mean Jaccard (%) averaged over each of ``brightness_groups``. Attention that lights
+        the brighter region, not the object, scores high in one group and near 0 in the other."""
+        return {name: sum(v) / len(v) for name, v in self.brightness_groups().items()}
 
     def as_dict(self) -> dict:
         return {
@@ -65,6 +70,8 @@ class JaccardResult:
             "best_head": self.best_head,
             "images": self.images,
             "references": self.references,
+            "by_brightness": self.by_brightness(),
+            "by_brightness_images": {name: len(v) for name, v in self.brightness_groups().items()},
         }
 
 
@@ -128,15 +135,15 @@ def _mean(values: Iterable[float]) -> float:
     return 100 * sum(values) / len(values)
 
 
-def object_is_brighter(image: Tensor, mask: Tensor) -> bool:
+def object_is_brighter(image: Tensor, mask: Tensor) -> bool | None:
     """Whether the object's mean luminance (Rec. 601 luma of the de-normalised RGB) is above the rest of
-    the image's. ``image``: ImageNet-normalised (1, 3, H, W); ``mask``: bool (H, W). An empty or full
-    mask has nothing to compare: False."""
-    rgb = denormalize(image.float().cpu())[0]
-    luma = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+    the image's. ``image``: ImageNet-normalised (1, 3, H, W); ``mask``: bool (H, W). None when the mask
+    is empty or full: nothing to compare."""
     mask = mask.cpu().bool()
     if not 0 < int(mask.sum()) < mask.numel():
-        return False
+        return None
+    rgb = denormalize(image.float().cpu())[0]
+    luma = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
     return bool(luma[mask].mean() > luma[~mask].mean())
 
 
@@ -171,14 +178,14 @@ def attention_jaccard(
     refs = reference_jaccards(masks, p, threshold)
     brighter = [object_is_brighter(img, mask) for img, mask in zip(images, masks, strict=True)]
     return JaccardResult(
-        float(means_t.mean()),
-        per_head,
-        max(per_head),
-        len(images),
-        refs,
-        means_t.tolist(),
-        heads_t.tolist(),
-        brighter,
+        mean=float(means_t.mean()),
+        per_head=per_head,
+        best_head=max(per_head),
+        images=len(images),
+        references=refs,
+        per_image=means_t.tolist(),
+        per_image_heads=heads_t.tolist(),
+        object_brighter=brighter,
     )
 
 

@@ -50,5 +50,8 @@ if __name__ == "__main__":
         dist.all_gather(held, holding(run.state.mods.teacher))
         if ctx.env.is_main:
             torch.save({"before": before, "after": after, "held": torch.stack(held), "notes": run.notes}, out)
+        # Tear the group down together: a rank that destroyed it while rank 0 was still saving once
+        # aborted at exit ("terminate called without an active exception") on a loaded 2-core machine.
+        dist.barrier()
     finally:
         D.cleanup()

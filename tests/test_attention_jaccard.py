@@ -65,14 +65,18 @@ def test_object_brightness_by_hand():
     green_on_purple = torch.stack([0.5 * field, 0.6 * mask.float(), field])
     assert object_is_brighter(_normalised(green_on_purple), mask) is True
     for nothing_to_compare in (torch.zeros_like(mask), torch.ones_like(mask)):
-        assert object_is_brighter(_normalised(light_object), nothing_to_compare) is False
+        assert object_is_brighter(_normalised(light_object), nothing_to_compare) is None
 
 
 def test_jaccard_by_brightness_by_hand():
     res = JaccardResult(0.0, [], 0.0, 3, per_image=[60.0, 4.0, 50.0], object_brighter=[True, False, True])
     assert res.by_brightness() == pytest.approx({BRIGHTER: 55.0, DARKER: 4.0})
+    assert res.as_dict()["by_brightness_images"] == {BRIGHTER: 2, DARKER: 1}
     res.object_brighter = [True, True, True]  # a group without images is left out
     assert res.by_brightness() == pytest.approx({BRIGHTER: 38.0})
+    res.object_brighter = [None, False, True]  # an empty or full mask: in neither group
+    assert res.by_brightness() == pytest.approx({BRIGHTER: 50.0, DARKER: 4.0})
+    assert res.as_dict()["by_brightness_images"] == {BRIGHTER: 1, DARKER: 1}
 
 
 def test_reference_jaccards_by_hand():
@@ -173,8 +177,32 @@ def test_eval_attention_end_to_end(tiny_data, backbone_file, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "attention Jaccard on" in printed and "no model: the other masks' mean" in printed
     assert f"mean of heads, {BRIGHTER} ({len(groups[True])})" in printed
+    assert f"mean of heads, {DARKER} ({len(groups[False])})" in printed
+    assert res["by_brightness_images"] == {BRIGHTER: len(groups[True]), DARKER: len(groups[False])}
     assert set(res["references"]) == {PRIOR, EVEN} == {"masks_mean", "even_on_object"}
     # A masks folder that matches no image is an input error (exit 2) naming both folders.
     (tmp_path / "none").mkdir()
     assert attention_eval.main([*args[:4], "--masks", str(tmp_path / "none")]) == 2
     assert "has a mask at the same relative path" in capsys.readouterr().err
+
+
+def test_the_attention_grid_shows_darker_and_brighter_objects(tiny_data):
+    """The grid's images alternate objects darker and brighter than their background (the data draws both,
+    and a teacher may light only one kind); polarity checked here on the files' own luma."""
+    from dino_train.data.embedded import MASKS, SHAPE_CLASSES
+    from launch.demo import grid_images
+
+    def brighter(img: Path) -> bool:
+        luma = np.asarray(Image.open(img).convert("L"), dtype=float)
+        inside = np.asarray(Image.open(tiny_data / MASKS / img.parent.name / img.name).convert("L")) > 127
+        return bool(luma[inside].mean() > luma[~inside].mean())
+
+    picked = grid_images(tiny_data)
+    assert [p.parent.name for p in picked] == list(SHAPE_CLASSES[:4])
+    for i, img in enumerate(picked):
+        want = i % 2 == 1
+        candidates = sorted((tiny_data / "val" / img.parent.name).glob("*.png"))
+        if any(brighter(c) == want for c in candidates):
+            assert brighter(img) == want, (i, img)
+        else:  # no image of the wanted kind in this class: its first image
+            assert img == candidates[0]

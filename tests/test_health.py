@@ -249,6 +249,7 @@ def test_tensorboard_serves_the_scalars(healthy_run):
             "attention/jaccard_mean",
             "attention/jaccard_head0",
             "attention/jaccard_object_brighter",
+            "attention/jaccard_object_darker",
         ):
             assert tag in run_tags, tag
         images = get_json(f"{base}/data/plugin/images/tags")

@@ -17,7 +17,13 @@ from dino_train.data.embedded import MASKS
 from dino_train.models.backbone import NotAViTError
 from dino_train.monitor.logger import Monitor
 from eval.attention import colorize, denormalize, summarize, upsample, vit_patch_size
-from eval.attention_jaccard import attention_jaccard, describe_references, load_masked_images
+from eval.attention_jaccard import (
+    BRIGHTER,
+    DARKER,
+    attention_jaccard,
+    describe_references,
+    load_masked_images,
+)
 from eval.common import class_folders
 from eval.knn_eval import classify_bank, extract_bank
 
@@ -66,6 +72,10 @@ class PeriodicKNN(EpochHook):
         self.monitor.message(f"epoch {epoch}: k-NN top-1 {shown}")
 
 
+# TensorBoard tags (under attention/) of JaccardResult.by_brightness's groups.
+BRIGHTNESS_TAGS = {BRIGHTER: "jaccard_object_brighter", DARKER: "jaccard_object_darker"}
+
+
 @dataclass
 class PeriodicJaccard(EpochHook):
     """The paper's attention Jaccard (the head-mean 60% mask against the object mask, and each head's) of
@@ -98,11 +108,10 @@ class PeriodicJaccard(EpochHook):
         result = attention_jaccard(state.mods.teacher.backbone, self.images, self.masks)
         heads = {f"jaccard_head{i}": v for i, v in enumerate(result.per_head)}
         split = result.by_brightness()  # attention drawn to bright regions shows as a gap between the two
-        by_group = {f"jaccard_{group.replace(' ', '_')}": v for group, v in split.items()}
+        by_group = {BRIGHTNESS_TAGS[group]: v for group, v in split.items()}
         scalars = {"jaccard_mean": result.mean, **heads, **by_group}
         self.monitor.scalars(state.step, scalars, prefix="attention")
-        record = {"epoch": epoch, **result.as_dict(), "by_brightness": split}
-        self.monitor.record("jaccard", state.step, record)
+        self.monitor.record("jaccard", state.step, {"epoch": epoch, **result.as_dict()})
         per_head = " / ".join(f"{v:.1f}" for v in result.per_head)
         groups = ", ".join(f"{group} {v:.1f}" for group, v in split.items())
         self.monitor.message(
