@@ -74,8 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [["mean of heads", result.mean]] + [[f"head {i}", j] for i, j in enumerate(result.per_head)]
     labels = {PRIOR: "no model: the other masks' mean", EVEN: "no model: even on the object"}
     rows += [[label, result.references[key]] for key, label in labels.items() if key in result.references]
-    for group, scores in result.brightness_groups().items():
-        rows.append([f"mean of heads, {group} ({len(scores)})", sum(scores) / len(scores)])
+    counts = result.brightness_counts()
+    rows += [[f"mean of heads, {group} ({counts[group]})", j] for group, j in result.by_brightness().items()]
     print_table(["mask from", "Jaccard %"], rows)
     if args.output_dir:
         write_json(args.output_dir / RESULTS_FILE, {

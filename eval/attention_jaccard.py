@@ -63,6 +63,10 @@ class JaccardResult:
         the brighter region, not the object, scores high in one group and near 0 in the other."""
         return {name: sum(v) / len(v) for name, v in self.brightness_groups().items()}
 
+    def brightness_counts(self) -> dict[str, int]:
+        """How many images each of ``brightness_groups`` holds."""
+        return {name: len(v) for name, v in self.brightness_groups().items()}
+
     def as_dict(self) -> dict:
         return {
             "mean": self.mean,
@@ -71,7 +75,7 @@ class JaccardResult:
             "images": self.images,
             "references": self.references,
             "by_brightness": self.by_brightness(),
-            "by_brightness_images": {name: len(v) for name, v in self.brightness_groups().items()},
+            "by_brightness_images": self.brightness_counts(),
         }
 
 
