@@ -12,6 +12,7 @@ import torch
 from bench.data_pipeline import main
 from dino_train.config import ConfigError, load_config
 from dino_train.data import resolve_augment_device
+from dino_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dino_train.runtime.distributed import DistEnv
 from dino_train.train.build import build_loader
 from tests.conftest import REPO, tiny_overrides
@@ -74,3 +75,22 @@ def test_gpu_check_script_runs_its_parts_on_the_cpu(tmp_path):
     assert rows["step"]["applied"] and math.isfinite(rows["step"]["loss"]) and rows["step"]["mfu"] > 0
     assert rows["collectives"]["ok"] and rows["collectives"]["backend"] == "gloo" and rows["knn"]["ok"]
     assert rows["augment"]["finish_images_per_s"] > 0
+
+
+def test_solarisation_settings_reach_the_training_loader(tiny_data, tmp_path):
+    """data.solarize_p / data.solarize_threshold as training reads them: inversion (threshold 0) on every
+    crop gives 1 - x of the same crops without it (the tensor path draws the same numbers either way)."""
+    cpu = torch.device("cpu")
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def first_batch(*extra: str) -> list[torch.Tensor]:
+        cfg = load_config(None, tiny_overrides(tiny_data, tmp_path, "data.augment_device=cpu", *extra))
+        loader, _ = build_loader(cfg.data, 0, DistEnv(), cpu)
+        return [c * std + mean for c in next(iter(loader))[0]]
+
+    plain = first_batch("data.solarize_p=[0.0, 0.0, 0.0]")
+    inverted = first_batch("data.solarize_p=[1.0, 1.0, 1.0]", "data.solarize_threshold=0")
+    released = first_batch()  # global crop 2 alone may be solarised at 128
+    for c, (p, q, r) in enumerate(zip(plain, inverted, released, strict=True)):
+        torch.testing.assert_close(q, 1 - p, atol=1e-5, rtol=0)
+        assert torch.equal(r, p) or c == 1, c

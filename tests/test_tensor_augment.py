@@ -113,6 +113,8 @@ COLOUR_CASES = [
        lambda im, s=s: im.filter(ImageFilter.GaussianBlur(radius=s)), 5.0, 1.0)
       for s in (0.1, 0.5, 1.0, 2.0)],
     ("solarize", P.solarize, lambda im: ImageOps.solarize(im, 128), 0.01, 0.01),  # float rounding only
+    *[(f"solarize at {t}", lambda x, t=t: P.solarize(x, t / 255), lambda im, t=t: ImageOps.solarize(im, t),
+       0.01, 0.01) for t in (0, 64, 200)],
 ]  # fmt: skip
 
 
@@ -166,6 +168,7 @@ def test_parameter_rows_draw_the_releases_probabilities():
         assert near(r[:, P.P_SIGMA] > 0, [1.0, 0.1, 0.5, 0.5][c]), c
         assert near(r[:, P.P_SOLARIZE], [0.0, 0.2, 0.0, 0.0][c]), c
     r = rows.reshape(-1, P.N_PARAMS)
+    assert (r[:, P.P_SOLARIZE_AT] == 128 / 255).all()
     for col, lo, hi in ((P.P_BRIGHTNESS, 0.6, 1.4), (P.P_CONTRAST, 0.6, 1.4), (P.P_SATURATION, 0.8, 1.2),
                         (P.P_HUE, -0.1, 0.1)):  # fmt: skip
         v = r[:, col]
@@ -179,9 +182,30 @@ def test_parameter_rows_draw_the_releases_probabilities():
     assert ((counts - expected) ** 2 / expected).sum() < 55
 
 
+def test_solarisation_probabilities_and_threshold_are_settings():
+    n = 2000
+    aug = TensorMultiCrop(16, (0.4, 1.0), 2, 8, (0.05, 0.4), solarize_p=(0.5, 0.0, 0.3), solarize_threshold=0)
+    image = Image.new("RGB", (20, 20), (120, 60, 200))
+    torch.manual_seed(0)
+    rows = torch.stack([aug(image)[1] for _ in range(n)])
+    for c, p in enumerate((0.5, 0.0, 0.3, 0.3)):
+        share = rows[:, c, P.P_SOLARIZE].mean().item()
+        assert abs(share - p) <= 5 * math.sqrt(p * (1 - p) / n) + 1e-9, (c, share)
+    assert (rows[..., P.P_SOLARIZE_AT] == 0).all()
+    # Threshold 0 inverts the whole crop (a polarity inversion); each image keeps its own threshold.
+    pixels = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
+    params = torch.stack([_row(P_SOLARIZE=1, P_SOLARIZE_AT=0.0), _row(), _row(P_SOLARIZE=1)])
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    x = P.photometric(pixels, params) * std + mean
+    torch.testing.assert_close(x[0], 1 - pixels[0] / 255, atol=1e-5, rtol=0)
+    torch.testing.assert_close(x[1], pixels[1] / 255, atol=1e-5, rtol=0)
+    torch.testing.assert_close(x[2], P.solarize(pixels[2:] / 255)[0], atol=1e-5, rtol=0)
+
+
 def _row(**values: float) -> torch.Tensor:
     row = torch.zeros(P.N_PARAMS)
     row[P.P_BRIGHTNESS : P.P_SATURATION + 1] = 1.0
+    row[P.P_SOLARIZE_AT] = P.SOLARIZE_THRESHOLD
     for name, v in values.items():
         row[getattr(P, name)] = v
     return row
@@ -234,9 +258,14 @@ def _crop_statistics(crops: torch.Tensor) -> torch.Tensor:
     return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3)), grad[:, None], spread[:, None]], dim=1)
 
 
-def test_tensor_path_crops_are_distributed_as_the_pil_paths(photos):
+# The release's solarisation, and inversion (threshold 0) with other probabilities per crop kind.
+SOLARIZATIONS = [((0.0, 0.2, 0.0), 128), ((1.0, 0.0, 0.5), 0)]
+
+
+@pytest.mark.parametrize("solarize_p, threshold", SOLARIZATIONS)
+def test_tensor_path_crops_are_distributed_as_the_pil_paths(photos, solarize_p, threshold):
     images = [Image.open(p).convert("RGB") for p in photos]
-    shape = (48, (0.4, 1.0), 2, 24, (0.05, 0.4))
+    shape = (48, (0.4, 1.0), 2, 24, (0.05, 0.4), solarize_p, threshold)
     pil, tensor = MultiCropAugmentation(*shape), TensorMultiCrop(*shape)
     draws = 50
     torch.manual_seed(0)

@@ -74,6 +74,12 @@ class DataConfig:
     local_crops_number: int = setting(8, at_least(0))
     local_crops_size: int = setting(96, positive)
     local_crops_scale: tuple[float, float] = setting((0.05, 0.4), crop_scale)
+    # Solarisation's probability on global crop 1, global crop 2 and each local crop (the release's 0, 0.2,
+    # 0), and its threshold in 8-bit levels (values at or above it are inverted, PIL's solarize): 0
+    # inverts every pixel, a polarity inversion, for data whose classes do not depend on which region is
+    # the brighter (the README's long-demo variants).
+    solarize_p: tuple[float, float, float] = setting((0.0, 0.2, 0.0), each(in_range(0, 1)))
+    solarize_threshold: int = setting(128, in_range(0, 256))
     # Where multi-crop augmentation runs: "auto" is the batched uint8 tensor path, its photometric ops on
     # the GPU after the transfer when training on CUDA, in the loader workers otherwise; "cpu" / "cuda"
     # force either; "pil" is the release's PIL pipeline, kept for fidelity checks.

@@ -23,7 +23,8 @@ from dino_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 P_FLIP, P_JITTER, P_BRIGHTNESS, P_CONTRAST, P_SATURATION, P_HUE = 0, 1, 2, 3, 4, 5
 P_ORDER = 6
 P_GRAY, P_SIGMA, P_SOLARIZE = 10, 11, 12
-N_PARAMS = 13
+P_SOLARIZE_AT = 13  # solarisation's threshold in [0, 1]: values at or above it are inverted
+N_PARAMS = 14
 
 # torchvision's ColorJitter order index -> (op, parameter column).
 JITTER_OPS: tuple[tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], int], ...] = (
@@ -78,10 +79,13 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = BLUR_RADIU
     return y.view(n, c, h, w)
 
 
-def solarize(x: torch.Tensor) -> torch.Tensor:
-    """Invert the values at or above 128/255 (PIL's ``ImageOps.solarize(img, 128)``)."""
+def solarize(x: torch.Tensor, threshold: float | torch.Tensor = SOLARIZE_THRESHOLD) -> torch.Tensor:
+    """Invert the values at or above ``threshold`` (one value, or one per image (N,)): PIL's
+    ``ImageOps.solarize(img, 255 * threshold)``; the default is the release's 128/255, 0 inverts all."""
+    if isinstance(threshold, torch.Tensor):
+        threshold = threshold.to(x.device, x.dtype).view(-1, 1, 1, 1)
     # x + [x >= t] (1 - 2x): about half the time of torch.where on the CPU.
-    invert = x.ge(SOLARIZE_THRESHOLD).to(x.dtype)
+    invert = x.ge(threshold).to(x.dtype)
     return x.addcmul(invert, x.mul(-2.0).add_(1.0))
 
 
@@ -117,7 +121,8 @@ def photometric(pixels: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     _apply(x, params[:, P_GRAY] > 0.5, lambda sub: grayscale(sub).expand_as(sub))
     blur = params[:, P_SIGMA] > 0
     _apply(x, blur, lambda sub: gaussian_blur(sub, params[blur, P_SIGMA]))
-    _apply(x, params[:, P_SOLARIZE] > 0.5, solarize)
+    sol = params[:, P_SOLARIZE] > 0.5
+    _apply(x, sol, lambda sub: solarize(sub, params[sol, P_SOLARIZE_AT]))
     return normalize_(x)
 
 

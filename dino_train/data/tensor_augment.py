@@ -35,6 +35,8 @@ from dino_train.data.photometric import (
     P_SATURATION,
     P_SIGMA,
     P_SOLARIZE,
+    P_SOLARIZE_AT,
+    SOLARIZE_THRESHOLD,
 )
 
 # RandomResizedCrop's defaults: 10 tries, aspect ratio log-uniform in [3/4, 4/3].
@@ -73,10 +75,16 @@ def random_resized_crop_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def photometric_params(u: torch.Tensor, blur_p: torch.Tensor, solarize_p: torch.Tensor) -> torch.Tensor:
+def photometric_params(
+    u: torch.Tensor,
+    blur_p: torch.Tensor,
+    solarize_p: torch.Tensor,
+    solarize_threshold: float = SOLARIZE_THRESHOLD,
+) -> torch.Tensor:
     """Uniforms (n, PHOTO_UNIFORMS) and per-crop blur and solarise probabilities (n,) -> parameter rows
     (n, N_PARAMS): the release's flip p 0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8 in a uniformly
-    random op order, grayscale p 0.2, blur radius U[0.1, 2] px (a sigma, as PIL's)."""
+    random op order, grayscale p 0.2, blur radius U[0.1, 2] px (a sigma, as PIL's); solarisation at
+    ``solarize_threshold`` (in [0, 1])."""
     p = torch.zeros(u.shape[0], N_PARAMS)
     p[:, P_FLIP] = (u[:, 0] < 0.5).float()
     p[:, P_JITTER] = (u[:, 1] < 0.8).float()
@@ -90,6 +98,7 @@ def photometric_params(u: torch.Tensor, blur_p: torch.Tensor, solarize_p: torch.
     sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[:, 12]
     p[:, P_SIGMA] = torch.where(u[:, 11] < blur_p, sigma, torch.zeros(()))
     p[:, P_SOLARIZE] = (u[:, 13] < solarize_p).float()
+    p[:, P_SOLARIZE_AT] = solarize_threshold
     return p
 
 
@@ -104,9 +113,10 @@ class TensorMultiCrop:
 
     The crops are RandomResizedCrop's (bicubic, antialiased); the rows say which ops
     ``photometric.photometric`` applies: blur p 1.0 / 0.1 / 0.5 on global 1 / global 2 / locals,
-    solarise p 0.2 on global 2, the rest with the same probabilities on every crop, each crop drawing
-    its own (the release calls its transforms once per crop). ``min_short_side`` is the short side
-    (pixels) JPEG decoding may reduce to.
+    solarise p 0.2 on global 2 (``solarize_p`` for global 1, global 2, locals; ``solarize_threshold``
+    in 8-bit levels, 0 inverting every pixel), the rest with the same probabilities on every crop, each
+    crop drawing its own (the release calls its transforms once per crop). ``min_short_side`` is the
+    short side (pixels) JPEG decoding may reduce to.
     """
 
     def __init__(
@@ -116,13 +126,16 @@ class TensorMultiCrop:
         local_crops_number: int = 8,
         local_crops_size: int = 96,
         local_crops_scale: tuple[float, float] = (0.05, 0.4),
+        solarize_p: tuple[float, float, float] = (0.0, 0.2, 0.0),
+        solarize_threshold: int = 128,
     ):
         self.global_size, self.local_size = global_crops_size, local_crops_size
         self.global_scale, self.local_scale = tuple(global_crops_scale), tuple(local_crops_scale)
         self.local_number = local_crops_number
         n = 2 + local_crops_number
         self.blur_p = torch.tensor([1.0, 0.1] + [0.5] * local_crops_number)
-        self.solarize_p = torch.tensor([0.0, 0.2] + [0.0] * local_crops_number)
+        self.solarize_p = torch.tensor([solarize_p[0], solarize_p[1]] + [solarize_p[2]] * local_crops_number)
+        self.solarize_threshold = solarize_threshold / 255
         self.sizes = [global_crops_size] * 2 + [local_crops_size] * local_crops_number
         self.scales = [self.global_scale] * 2 + [self.local_scale] * local_crops_number
         self.n_crops = n
@@ -140,7 +153,9 @@ class TensorMultiCrop:
             size = [self.sizes[c], self.sizes[c]]
             crop = TF.resized_crop(x, top, left, h, w, size, InterpolationMode.BICUBIC, antialias=True)
             crops.append(crop.contiguous())
-        return crops, photometric_params(u[:, CROP_UNIFORMS:], self.blur_p, self.solarize_p)
+        return crops, photometric_params(
+            u[:, CROP_UNIFORMS:], self.blur_p, self.solarize_p, self.solarize_threshold
+        )
 
 
 def draft_size(size: tuple[int, int], min_short_side: int) -> tuple[int, int] | None:

@@ -31,7 +31,7 @@ class RandomGaussianBlur:
 
 
 class RandomSolarize:
-    """PIL solarisation (invert pixels at or above 128) with probability ``p``."""
+    """PIL solarisation (invert pixels at or above ``threshold``, 0-255) with probability ``p``."""
 
     def __init__(self, p: float = 0.2, threshold: int = 128):
         self.p, self.threshold = p, threshold
@@ -49,6 +49,7 @@ class MultiCropAugmentation:
 
     Global crop 1 is always blurred; global crop 2 is blurred with p 0.1 and solarised with p 0.2; local
     crops are blurred with p 0.5. All crops share flip, colour jitter (p 0.8) and grayscale (p 0.2).
+    ``solarize_p`` (global 1, global 2, locals) and ``solarize_threshold`` change the solarisation.
     """
 
     def __init__(
@@ -58,7 +59,12 @@ class MultiCropAugmentation:
         local_crops_number: int = 8,
         local_crops_size: int = 96,
         local_crops_scale: tuple[float, float] = (0.05, 0.4),
+        solarize_p: tuple[float, float, float] = (0.0, 0.2, 0.0),
+        solarize_threshold: int = 128,
     ):
+        # A solariser of p 0 is left out: it would draw a random number, and the release's settings
+        # must draw the release's random numbers.
+        solar = [[RandomSolarize(p, solarize_threshold)] if p > 0 else [] for p in solarize_p]
         flip_and_color_jitter = T.Compose(
             [
                 T.RandomHorizontalFlip(p=0.5),
@@ -67,9 +73,11 @@ class MultiCropAugmentation:
             ]
         )
         global_crop = T.RandomResizedCrop(global_crops_size, scale=global_crops_scale, interpolation=BICUBIC)
-        self.global1 = T.Compose([global_crop, flip_and_color_jitter, RandomGaussianBlur(1.0), _normalize()])
+        self.global1 = T.Compose(
+            [global_crop, flip_and_color_jitter, RandomGaussianBlur(1.0), *solar[0], _normalize()]
+        )
         self.global2 = T.Compose(
-            [global_crop, flip_and_color_jitter, RandomGaussianBlur(0.1), RandomSolarize(0.2), _normalize()]
+            [global_crop, flip_and_color_jitter, RandomGaussianBlur(0.1), *solar[1], _normalize()]
         )
         self.local_crops_number = local_crops_number
         self.local = T.Compose(
@@ -77,6 +85,7 @@ class MultiCropAugmentation:
                 T.RandomResizedCrop(local_crops_size, scale=local_crops_scale, interpolation=BICUBIC),
                 flip_and_color_jitter,
                 RandomGaussianBlur(0.5),
+                *solar[2],
                 _normalize(),
             ]
         )

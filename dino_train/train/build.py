@@ -42,7 +42,7 @@ def build_loader(
     except ValueError as err:
         raise ConfigError(str(err)) from err
     crops = (d.global_crops_size, d.global_crops_scale, d.local_crops_number, d.local_crops_size,
-             d.local_crops_scale)  # fmt: skip
+             d.local_crops_scale, d.solarize_p, d.solarize_threshold)  # fmt: skip
     rest = (d.batch_size_per_gpu, d.num_workers, seed, env.rank, env.world_size, device.type == "cuda")
     if d.format == "shards":  # a ShardStream plays the sampler's part (set_epoch, set_start_batch)
         return build_shard_loader(d.path, mode, crops, *rest, shuffle_buffer=d.shuffle_buffer)
