@@ -69,6 +69,8 @@ def test_blur_and_solarise_probabilities():
     kinds = lambda pipeline: [type(t).__name__ for t in pipeline.transforms]  # noqa: E731
     assert "RandomSolarize" in kinds(aug.global2)
     assert "RandomSolarize" not in kinds(aug.global1) and "RandomSolarize" not in kinds(aug.local)
+    solariser = next(t for t in aug.global2.transforms if isinstance(t, RandomSolarize))
+    assert (solariser.p, solariser.threshold) == (0.2, 128)
     blur_p = [
         next(t.p for t in p.transforms if isinstance(t, RandomGaussianBlur))
         for p in (aug.global1, aug.global2, aug.local)

@@ -192,6 +192,10 @@ def test_solarisation_probabilities_and_threshold_are_settings():
         share = rows[:, c, P.P_SOLARIZE].mean().item()
         assert abs(share - p) <= 5 * math.sqrt(p * (1 - p) / n) + 1e-9, (c, share)
     assert (rows[..., P.P_SOLARIZE_AT] == 0).all()
+    for build in (TensorMultiCrop, MultiCropAugmentation):
+        for wrong in ((0.5, 0.5), (0.0, 0.2, 0.0, 0.0)):
+            with pytest.raises(ValueError, match="solarize_p: expected 3 probabilities"):
+                build(16, (0.4, 1.0), 2, 8, (0.05, 0.4), solarize_p=wrong)
     # Threshold 0 inverts the whole crop (a polarity inversion); each image keeps its own threshold.
     pixels = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
     params = torch.stack([_row(P_SOLARIZE=1, P_SOLARIZE_AT=0.0), _row(), _row(P_SOLARIZE=1)])

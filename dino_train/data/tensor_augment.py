@@ -38,6 +38,7 @@ from dino_train.data.photometric import (
     P_SOLARIZE_AT,
     SOLARIZE_THRESHOLD,
 )
+from dino_train.data.transforms import check_solarize_p
 
 # RandomResizedCrop's defaults: 10 tries, aspect ratio log-uniform in [3/4, 4/3].
 CROP_TRIES = 10
@@ -79,12 +80,12 @@ def photometric_params(
     u: torch.Tensor,
     blur_p: torch.Tensor,
     solarize_p: torch.Tensor,
-    solarize_threshold: float = SOLARIZE_THRESHOLD,
+    solarize_at: float = SOLARIZE_THRESHOLD,
 ) -> torch.Tensor:
     """Uniforms (n, PHOTO_UNIFORMS) and per-crop blur and solarise probabilities (n,) -> parameter rows
     (n, N_PARAMS): the release's flip p 0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8 in a uniformly
-    random op order, grayscale p 0.2, blur radius U[0.1, 2] px (a sigma, as PIL's); solarisation at
-    ``solarize_threshold`` (in [0, 1])."""
+    random op order, grayscale p 0.2, blur radius U[0.1, 2] px (a sigma, as PIL's); solarisation from
+    ``solarize_at`` up (a fraction in [0, 1], not an 8-bit level)."""
     p = torch.zeros(u.shape[0], N_PARAMS)
     p[:, P_FLIP] = (u[:, 0] < 0.5).float()
     p[:, P_JITTER] = (u[:, 1] < 0.8).float()
@@ -98,7 +99,7 @@ def photometric_params(
     sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[:, 12]
     p[:, P_SIGMA] = torch.where(u[:, 11] < blur_p, sigma, torch.zeros(()))
     p[:, P_SOLARIZE] = (u[:, 13] < solarize_p).float()
-    p[:, P_SOLARIZE_AT] = solarize_threshold
+    p[:, P_SOLARIZE_AT] = solarize_at
     return p
 
 
@@ -134,7 +135,8 @@ class TensorMultiCrop:
         self.local_number = local_crops_number
         n = 2 + local_crops_number
         self.blur_p = torch.tensor([1.0, 0.1] + [0.5] * local_crops_number)
-        self.solarize_p = torch.tensor([solarize_p[0], solarize_p[1]] + [solarize_p[2]] * local_crops_number)
+        g1, g2, local = check_solarize_p(solarize_p)
+        self.solarize_p = torch.tensor([g1, g2] + [local] * local_crops_number)
         self.solarize_threshold = solarize_threshold / 255
         self.sizes = [global_crops_size] * 2 + [local_crops_size] * local_crops_number
         self.scales = [self.global_scale] * 2 + [self.local_scale] * local_crops_number

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image, ImageFilter, ImageOps
@@ -28,6 +28,14 @@ class RandomGaussianBlur:
             return img
         radius = self.radius_min + (self.radius_max - self.radius_min) * torch.rand(()).item()
         return img.filter(ImageFilter.GaussianBlur(radius=radius))
+
+
+def check_solarize_p(solarize_p: Sequence[float]) -> tuple[float, float, float]:
+    """Solarisation's probabilities for global crop 1, global crop 2 and the local crops, checked."""
+    if len(solarize_p) != 3:
+        raise ValueError(f"solarize_p: expected 3 probabilities (global 1, global 2, locals): {solarize_p}")
+    g1, g2, local = (float(p) for p in solarize_p)
+    return g1, g2, local
 
 
 class RandomSolarize:
@@ -64,7 +72,8 @@ class MultiCropAugmentation:
     ):
         # A solariser of p 0 is left out: it would draw a random number, and the release's settings
         # must draw the release's random numbers.
-        solar = [[RandomSolarize(p, solarize_threshold)] if p > 0 else [] for p in solarize_p]
+        probs = check_solarize_p(solarize_p)
+        solar = [[RandomSolarize(p, solarize_threshold)] if p > 0 else [] for p in probs]
         flip_and_color_jitter = T.Compose(
             [
                 T.RandomHorizontalFlip(p=0.5),
