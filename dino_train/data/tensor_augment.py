@@ -137,7 +137,7 @@ class TensorMultiCrop:
         self.blur_p = torch.tensor([1.0, 0.1] + [0.5] * local_crops_number)
         g1, g2, local = check_solarize_p(solarize_p)
         self.solarize_p = torch.tensor([g1, g2] + [local] * local_crops_number)
-        self.solarize_threshold = solarize_threshold / 255
+        self.solarize_at = solarize_threshold / 255  # the fraction the parameter rows carry
         self.sizes = [global_crops_size] * 2 + [local_crops_size] * local_crops_number
         self.scales = [self.global_scale] * 2 + [self.local_scale] * local_crops_number
         self.n_crops = n
@@ -155,9 +155,7 @@ class TensorMultiCrop:
             size = [self.sizes[c], self.sizes[c]]
             crop = TF.resized_crop(x, top, left, h, w, size, InterpolationMode.BICUBIC, antialias=True)
             crops.append(crop.contiguous())
-        return crops, photometric_params(
-            u[:, CROP_UNIFORMS:], self.blur_p, self.solarize_p, self.solarize_threshold
-        )
+        return crops, photometric_params(u[:, CROP_UNIFORMS:], self.blur_p, self.solarize_p, self.solarize_at)
 
 
 def draft_size(size: tuple[int, int], min_short_side: int) -> tuple[int, int] | None:
