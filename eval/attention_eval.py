@@ -91,13 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def per_image_rows(result: JaccardResult, images_dir: Path, masks_dir: Path) -> list[dict]:
     """One JSON row per image of ``folder_jaccard(model, images_dir, masks_dir)``, in the order it scored
-    them (``paired_files``): the image and mask paths relative to their folders, the head-mean Jaccard,
+    them (``result.files``): the image and mask paths relative to their folders, the head-mean Jaccard,
     each head's, and whether the object is the brighter region."""
-    pairs = paired_files(images_dir, masks_dir)
-    if len(pairs) != len(result.per_image):
-        raise ValueError(f"{len(pairs)} image/mask pairs but {len(result.per_image)} per-image scores")
     rows = []
-    scores = zip(pairs, result.per_image, result.per_image_heads, result.object_brighter, strict=True)
+    scores = zip(result.files, result.per_image, result.per_image_heads, result.object_brighter, strict=True)
     for (img, mask), mean, heads, brighter in scores:
         rel_img, rel_mask = str(img.relative_to(images_dir)), str(mask.relative_to(masks_dir))
         rows.append(

@@ -10,7 +10,7 @@ the 60.5 of attention spread evenly over each object), and attention on the obje
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,8 @@ class JaccardResult:
     per_image: list[float] = field(default_factory=list)  # the head-mean mask's Jaccard
     per_image_heads: list[list[float]] = field(default_factory=list)  # each head's
     object_brighter: list[bool | None] = field(default_factory=list)  # per image: see object_is_brighter
+    # The (image, mask) files scored, in the same order, when they came from a folder (folder_jaccard).
+    files: list[tuple[Path, Path]] = field(default_factory=list)
 
     def brightness_groups(self) -> dict[str, list[float]]:
         """The per-image head-mean scores of the images whose object is brighter than the rest of the
@@ -225,8 +227,15 @@ def load_masked_images(
     """The images of a folder that have a mask in ``masks_dir``, normalised (1, 3, H, W) and cropped to
     whole patches, and their bool masks at the same size; ``image_size`` resizes the short side (None: as
     stored), as ``visualize_attention`` does."""
+    return load_pairs(paired_files(Path(images_dir), Path(masks_dir)), patch, image_size)
+
+
+def load_pairs(
+    pairs: Sequence[tuple[Path, Path]], patch: int, image_size: int | None = None
+) -> tuple[list[Tensor], list[Tensor]]:
+    """``load_masked_images`` of the (image, mask) files of ``paired_files``, in their order."""
     images, masks = [], []
-    for img_path, mask_path in paired_files(Path(images_dir), Path(masks_dir)):
+    for img_path, mask_path in pairs:
         img = load_rgb(img_path)
         if image_size:
             img = TF.resize(img, image_size, interpolation=BICUBIC)
@@ -240,5 +249,6 @@ def folder_jaccard(
 ) -> JaccardResult:
     """``attention_jaccard`` over the images of a folder that have a mask in ``masks_dir`` (see
     :func:`load_masked_images`)."""
-    images, masks = load_masked_images(images_dir, masks_dir, vit_patch_size(model), image_size)
-    return attention_jaccard(model, images, masks, threshold)
+    pairs = paired_files(Path(images_dir), Path(masks_dir))
+    images, masks = load_pairs(pairs, vit_patch_size(model), image_size)
+    return replace(attention_jaccard(model, images, masks, threshold), files=pairs)

@@ -209,14 +209,13 @@ def grid_images(root: Path, count: int = 4) -> list[Path]:
     brighter than its background (the first such image of its class; the class's first image if it has
     none): the data draws both, and a teacher's attention may favour one, so the grid shows both."""
     from dino_train.data.embedded import MASKS, SHAPE_CLASSES
-    from eval.attention_jaccard import load_masked_images, object_is_brighter, paired_files
+    from eval.attention_jaccard import load_pairs, object_is_brighter, paired_files
 
     classes = [c for c in SHAPE_CLASSES if (root / MASKS / c).is_dir()][:count]
     picked = []
     for i, name in enumerate(classes):
-        images_dir, masks_dir = root / "val" / name, root / MASKS / name
-        pairs = paired_files(images_dir, masks_dir)
-        images, masks = load_masked_images(images_dir, masks_dir, 1)
+        pairs = paired_files(root / "val" / name, root / MASKS / name)
+        images, masks = load_pairs(pairs, 1)
         brighter = [object_is_brighter(x, m) for x, m in zip(images, masks, strict=True)]
         wanted = [img for (img, _), b in zip(pairs, brighter, strict=True) if b == (i % 2 == 1)]
         picked.append(wanted[0] if wanted else pairs[0][0])
