@@ -1,6 +1,6 @@
 """Self-attention of a ViT on one image as numpy arrays for a notebook, the figure ``visualize_attention``
-draws, and the paper's attention-segmentation score of ``eval_attention``. The maths is ``eval.attention``'s:
-the exact softmax of a block, recomputed from its weights."""
+draws, and the paper's attention-segmentation score of ``eval_attention``. The maths is
+``dino_train.measure.attention``'s: the exact softmax of a block, recomputed from its weights."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from torch import Tensor, nn
 from torchvision.transforms import functional as TF
 
 from dino_train.data.transforms import BICUBIC
+from dino_train.measure.attention import denormalize, prepare_image, summarize, unwrap_vit, vit_patch_size
+from dino_train.measure.jaccard import JaccardResult, folder_jaccard
 from dino_train.runtime.device import model_device
-from eval.attention import denormalize, prepare_image, summarize, unwrap_vit, vit_patch_size
-from eval.attention_jaccard import JaccardResult, folder_jaccard
-from eval.visualize import attention_figure, open_image
+from eval.attention.figures import attention_figure, open_image
 
 ImageInput = Image.Image | str | Path | Tensor
 

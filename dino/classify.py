@@ -1,5 +1,5 @@
-"""Classify features held in memory: weighted k-NN (``eval.knn``, as ``eval_knn``) and a linear probe
-(``eval.linear_train``, as ``eval_linear --cached-features``)."""
+"""Classify features held in memory: weighted k-NN (``dino_train.measure.knn``, as ``eval_knn``) and a
+linear probe (``eval.linear.train``, as ``eval_linear --cached-features``)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from eval.defaults import KNN_TEMPERATURE
-from eval.knn import knn_classify, knn_scores
-from eval.linear_train import train_probe_in_memory
+from dino_train.measure.knn import knn_classify, knn_scores
+from dino_train.measure.settings import KNN_TEMPERATURE
+from eval.linear.train import train_probe_in_memory
 
 ArrayLike = Tensor | np.ndarray | Sequence[Any]
 

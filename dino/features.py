@@ -17,10 +17,10 @@ from torch.utils.data import Dataset
 
 from dino_train.data import ImageDataset, eval_transform
 from dino_train.data.datasets import load_rgb, to_rgb
+from dino_train.data.transforms import resize_for
+from dino_train.measure.feature_store import cls_and_patch_tokens, open_store, stream_features
+from dino_train.measure.features import extract_features as extract_dataset
 from dino_train.runtime.device import model_device
-from eval.defaults import resize_for
-from eval.feature_store import cls_and_patch_tokens, open_store, stream_features
-from eval.features import extract_features as extract_dataset
 
 ImagesInput = str | Path | Sequence[str | Path | Image.Image] | Tensor
 

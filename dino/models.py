@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from dino_train.config import load_config
+from dino_train.models import loading
 from dino_train.runtime.device import pick_device
 from dino_train.train import TrainResult, train
-from eval import loading
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 Overrides = Sequence[str] | Mapping[str, Any]

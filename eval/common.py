@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from dino_train.data import DataError, ImageDataset
+from dino_train.data.transforms import resize_for
 from dino_train.runtime.device import pick_device
 from dino_train.runtime.distributed import DistEnv, detect_env, init_distributed
-from dino_train.runtime.files import CheckpointError, atomic_write_text
-from eval.cli import HelpFormatter, default_workers  # noqa: F401 - the tools import them from here
-from eval.defaults import resize_for
+from dino_train.runtime.files import CheckpointError
 
 
 class EvalExit(SystemExit):
@@ -114,7 +109,7 @@ def add_backbone_args(parser: argparse.ArgumentParser) -> None:
 
 def backbone_from_args(args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any]]:
     """Load the backbone the flags name; errors are CheckpointError with a readable message."""
-    from eval.loading import load_backbone
+    from dino_train.models.loading import load_backbone
 
     strict = not args.non_strict
     if args.arch and args.arch.startswith("timm:"):
@@ -137,39 +132,6 @@ def setup_process(device: str) -> tuple[DistEnv, torch.device]:
     return env, dev
 
 
-@dataclass
-class ClassFolders:
-    """A ``train/`` + ``val/`` class-folder pair with one class list for both (train's classes first)."""
-
-    train: Any  # ImageDataset
-    val: Any
-    classes: list[str]
-    missing_from_train: list[str]  # val classes with no training images: never predicted correctly
-
-    def remap(self, dataset: Any, labels: torch.Tensor) -> torch.Tensor:
-        """Labels indexing ``dataset.classes`` -> labels indexing ``self.classes``."""
-        index = {c: i for i, c in enumerate(self.classes)}
-        table = torch.tensor([index[c] for c in dataset.classes], dtype=torch.long)
-        return table[labels.long()]
-
-
-def class_folders(train_root: str | Path, val_root: str | Path, train_tf: Any, val_tf: Any) -> ClassFolders:
-    """Open both splits. Classes present in val but not in train are warned about, not fatal."""
-    train = ImageDataset(train_root, train_tf)
-    val = ImageDataset(val_root, val_tf)
-    for split in (train, val):
-        if not split.classes:
-            raise DataError(f"{split.root} holds images but no class sub-folders; evaluation needs labels")
-    classes = list(train.classes)
-    missing = [c for c in val.classes if c not in set(train.classes)]
-    if missing:
-        warnings.warn(
-            f"{len(missing)} val classes have no training images (never predicted): {', '.join(missing)}",
-            stacklevel=2,
-        )
-    return ClassFolders(train, val, classes + missing, missing)
-
-
 def split_roots(data: str | Path) -> tuple[Path, Path]:
     root = Path(data)
     train, val = root / "train", root / "val"
@@ -189,12 +151,6 @@ def print_table(headers: list[str], rows: list[list[Any]]) -> str:
     text = "\n".join(lines)
     print(text, flush=True)
     return text
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write through a temporary file so a reader never sees half a result."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def write_scalars(output_dir: Path, points: list[tuple[str, float, int]]) -> None:

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dino_train.runtime.cli import HelpFormatter
 from dino_train.runtime.files import CheckpointError, atomic_write_text, check_writable_dir
-from eval.cli import HelpFormatter
 from eval.common import add_backbone_args, backbone_from_args
 
 FORMATS = ("hf", "onnx", "timm", "safetensors")

@@ -16,13 +16,13 @@ from torch import nn
 
 from dino_train.data import eval_transform
 from dino_train.data.embedded import MASKS
-from eval.attention_jaccard import folder_jaccard
-from eval.common import class_folders
-from eval.defaults import resize_for
-from eval.features import extract_features
-from eval.knn_eval import evaluate_knn
-from eval.linear_model import backbone_tokens, default_variant, max_blocks, variant_features
-from eval.linear_train import train_probe_in_memory
+from dino_train.data.labelled import class_folders
+from dino_train.data.transforms import resize_for
+from dino_train.measure.features import extract_features
+from dino_train.measure.jaccard import folder_jaccard
+from dino_train.measure.knn_bank import evaluate_knn
+from eval.linear.model import backbone_tokens, default_variant, max_blocks, variant_features
+from eval.linear.train import train_probe_in_memory
 
 
 def sizes_line(size: int) -> str:

@@ -21,11 +21,11 @@ import torch
 
 from dino_train.config import Config, ConfigError, knn_sizes, load_config, position_grid_size
 from dino_train.data import DataError, generate_embedded_dataset
+from dino_train.measure.jaccard import describe_references
 from dino_train.models import build_from_spec, model_spec
+from dino_train.runtime.cli import HelpFormatter
 from dino_train.runtime.files import CheckpointError
 from dino_train.train import TrainResult, train
-from eval.attention_jaccard import describe_references
-from eval.cli import HelpFormatter
 
 REPO = Path(__file__).resolve().parents[1]
 # What each length must show (the issue's targets; printed with the results).
@@ -165,8 +165,8 @@ def attention_references(vit: torch.nn.Module, root: Path) -> dict[str, float]:
     """The scorecard's Jaccard for two maps without a model, on the same val masks: the other masks'
     mean (where the objects usually are) and attention spread evenly over each object."""
     from dino_train.data.embedded import MASKS
-    from eval.attention import vit_patch_size
-    from eval.attention_jaccard import load_masked_images, reference_jaccards
+    from dino_train.measure.attention import vit_patch_size
+    from dino_train.measure.jaccard import load_masked_images, reference_jaccards
 
     patch = vit_patch_size(vit)
     _, masks = load_masked_images(root / "val", root / MASKS, patch)
@@ -197,7 +197,7 @@ def print_report(report: dict[str, Any], targets: dict[str, float]) -> None:
 
 def attention_grid(result: TrainResult, root: Path, out: Path) -> Path:
     """The last block's CLS attention (mean and heads, 60% masks) on the val images of ``grid_images``."""
-    from eval.visualize import write_attention_grid
+    from eval.attention.figures import write_attention_grid
 
     return write_attention_grid(
         result.teacher.backbone.cpu().float(), grid_images(root), out / "attention_grid.png", image_size=None
@@ -209,7 +209,7 @@ def grid_images(root: Path, count: int = 4) -> list[Path]:
     brighter than its background (the first such image of its class; the class's first image if it has
     none): the data draws both, and a teacher's attention may favour one, so the grid shows both."""
     from dino_train.data.embedded import MASKS, SHAPE_CLASSES
-    from eval.attention_jaccard import load_pairs, object_is_brighter, paired_files
+    from dino_train.measure.jaccard import load_pairs, object_is_brighter, paired_files
 
     classes = [c for c in SHAPE_CLASSES if (root / MASKS / c).is_dir()][:count]
     picked = []

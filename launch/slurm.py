@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dino_train.config import Config, ConfigError, TrainConfig, load_config
-from eval.cli import HelpFormatter
+from dino_train.runtime.cli import HelpFormatter
 from launch.slurm_resources import LaunchError, SlurmResources, add_resource_args, resources_from_args
 from launch.slurm_submit import (
     check_cluster,

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eval.cli import HelpFormatter
-from eval.common import EvalExit, print_table, write_json
+from dino_train.runtime.cli import HelpFormatter
+from dino_train.runtime.files import write_json
+from eval.common import EvalExit, print_table
 from launch.slurm_resources import LaunchError, SlurmResources, add_resource_args, resources_from_args
 from launch.slurm_submit import (
     check_cluster,
@@ -62,7 +63,9 @@ class EvalTask:
         return [*paths, "--no-progress", *self.eval_args]
 
     def __call__(self) -> dict[str, Any]:
-        from eval import finetune_eval, knn_eval, linear_eval
+        from eval.finetune import cli as finetune_eval
+        from eval.knn import cli as knn_eval
+        from eval.linear import cli as linear_eval
 
         module = {"knn": knn_eval, "linear": linear_eval, "finetune": finetune_eval}[self.kind]
         try:

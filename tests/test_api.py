@@ -17,10 +17,10 @@ import dino
 from dino.models import _override_texts, resolve_config_path
 from dino_train.config import load_config
 from dino_train.data import eval_transform
+from dino_train.measure.attention import prepare_image, summarize
+from dino_train.measure.knn import knn_classify
 from dino_train.models import build_backbone
-from eval import linear_eval
-from eval.attention import prepare_image, summarize
-from eval.knn import knn_classify
+from eval.linear import cli as linear_eval
 from tests.conftest import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,7 +132,7 @@ def test_plot_attention_draws_two_rows_per_image(model, tmp_path):
 
 
 def test_attention_jaccard_is_eval_attentions_measure(model, tiny_data, tmp_path):
-    from eval.attention_jaccard import folder_jaccard
+    from dino_train.measure.jaccard import folder_jaccard
 
     images, masks = tiny_data / "val", tiny_data / "val_masks"
     got = dino.attention_jaccard(model, images, masks, image_size=48)

@@ -1,5 +1,5 @@
-"""eval.attention: exact attention maps (fused or not), CLS maps, threshold masks, image preparation,
-and the TensorBoard panels."""
+"""dino_train.measure.attention: exact attention maps (fused or not), CLS maps, threshold masks, image
+preparation, and the TensorBoard panels."""
 
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ from PIL import Image
 from torch import nn
 
 from dino_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from dino_train.models import build_backbone
-from dino_train.monitor.periodic import attention_panels
-from eval.attention import (
+from dino_train.measure.attention import (
     attention_maps,
     cls_attention,
     cls_attention_maps,
@@ -22,6 +20,8 @@ from eval.attention import (
     threshold_masks,
     upsample,
 )
+from dino_train.models import build_backbone
+from dino_train.monitor.periodic import attention_panels
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from eval import attention_eval
-from eval.attention import summarize, upsample
-from eval.attention_jaccard import (
+from dino_train.measure.attention import summarize, upsample
+from dino_train.measure.jaccard import (
     BRIGHTER,
     DARKER,
     EVEN,
@@ -25,7 +24,8 @@ from eval.attention_jaccard import (
     object_is_brighter,
     reference_jaccards,
 )
-from eval.loading import load_backbone
+from dino_train.models.loading import load_backbone
+from eval.attention import cli as attention_eval
 
 
 def test_jaccard_by_hand():

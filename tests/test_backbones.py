@@ -10,8 +10,8 @@ import timm
 import torch
 
 from dino_train.models import NotAViTError, as_vit, build_backbone
+from dino_train.models.loading import load_backbone
 from dino_train.runtime.files import CheckpointError
-from eval.loading import load_backbone
 from tests.conftest import REPO, tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -34,7 +34,7 @@ def test_timm_backbone_trains_and_scores_with_eval_knn(arch, sizes, tiny_data, t
     # The backbone-only file: its <file>.json sidecar names the backbone (a ConvNeXt's weights alone do not).
     assert json.loads((out / "teacher_backbone.pth.json").read_text())["backbone"]["timm_name"] == arch
     knn = subprocess.run(
-        [sys.executable, "-m", "eval.knn_eval", "--checkpoint", str(out / "teacher_backbone.pth"), "--data",
+        [sys.executable, "-m", "eval.knn", "--checkpoint", str(out / "teacher_backbone.pth"), "--data",
          str(tiny_data), "--ks", "1", "3", "--resize", "32", "--crop", "32", "--num-workers", "0",
          "--output-dir", str(tmp_path / "knn"), "--no-progress"],
         cwd=REPO, capture_output=True, text=True,

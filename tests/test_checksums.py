@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from dino_train.models import build_backbone
+from dino_train.models.loading import load_backbone, read_file
 from dino_train.runtime.checksums import CHECKSUM_KEY, sidecar_path
 from dino_train.runtime.files import (
     CheckpointError,
 )
 from dino_train.train.checkpoint import CheckpointManager, export_backbone, load_file
-from eval.loading import load_backbone, read_file
 from tests.hardening_helpers import training_state
 
 

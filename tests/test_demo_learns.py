@@ -88,8 +88,8 @@ def test_demo_leaves_a_run_of_another_model_alone(tmp_path):
 def test_demo_prints_the_attention_references_under_the_jaccard(tiny_data, backbone_file, capsys):
     """The scorecard's Jaccard row is followed by the two references without a model, computed on the
     same val masks at the backbone's patch size."""
-    from eval.attention_jaccard import EVEN, PRIOR, load_masked_images, reference_jaccards
-    from eval.loading import load_backbone
+    from dino_train.measure.jaccard import EVEN, PRIOR, load_masked_images, reference_jaccards
+    from dino_train.models.loading import load_backbone
     from launch.demo import TARGETS, attention_references, print_report
 
     vit, _ = load_backbone(str(backbone_file))

@@ -9,8 +9,12 @@ def test_eval_tools_name_an_unusable_output_dir_before_reading_anything(tmp_path
     it before checking would report that instead."""
     from PIL import Image
 
-    from eval import attention_eval, export, knn_eval, linear_eval, visualize
+    from eval import export
+    from eval.attention import cli as attention_eval
+    from eval.attention import visualize
     from eval.common import EvalExit
+    from eval.knn import cli as knn_eval
+    from eval.linear import cli as linear_eval
 
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
@@ -53,8 +57,9 @@ def test_eval_tools_name_an_unusable_output_dir_before_reading_anything(tmp_path
 def test_eval_knn_and_linear_input_errors_exit_2(tmp_path, backbone_file, capsys):
     """Input errors of the two data-set tools: one line on stderr, exit status 2 (not Python's 1 for a
     SystemExit message), and str() of the exit is the line, for in-process callers."""
-    from eval import knn_eval, linear_eval
     from eval.common import EvalExit
+    from eval.knn import cli as knn_eval
+    from eval.linear import cli as linear_eval
 
     cases = [
         (knn_eval.main, ["--checkpoint", str(backbone_file)], "error: give --data (or --load-features DIR)"),

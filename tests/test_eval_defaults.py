@@ -12,11 +12,13 @@ import torch
 
 import dino
 from dino_train.config import knn_sizes, load_config
+from dino_train.data.transforms import resize_for
+from dino_train.measure.settings import KNN_KS
 from dino_train.monitor.periodic import PeriodicKNN
 from dino_train.monitor.report import epoch_label
-from eval import cli, knn_eval
+from dino_train.runtime import cli
 from eval.common import backbone_record, eval_sizes
-from eval.defaults import KNN_KS, resize_for
+from eval.knn import cli as knn_eval
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,7 +63,11 @@ def _help(parse) -> None:
 
 def test_every_tool_shows_its_defaults(capsys):
     from dino_train.monitor import report
-    from eval import attention_eval, export, finetune_eval, linear_eval, visualize
+    from eval import export
+    from eval.attention import cli as attention_eval
+    from eval.attention import visualize
+    from eval.finetune import cli as finetune_eval
+    from eval.linear import cli as linear_eval
     from launch import demo, slurm, slurm_eval
 
     expected = {

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dino_train.models import build_backbone
-from eval import knn_eval, linear_eval
+from eval.knn import cli as knn_eval
+from eval.linear import cli as linear_eval
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["--resize", "32", "--crop", "32", "--num-workers", "0", "--device", "cpu", "--no-progress"]
@@ -56,12 +57,12 @@ def test_eval_knn_writes_results_and_reuses_features(tiny_data, backbone_file, t
 
 
 def test_evaluate_knn_function_matches_the_cli(tiny_data, backbone_file, tmp_path):
-    from eval.loading import load_backbone
+    from dino_train.models.loading import load_backbone
 
     backbone, _ = load_backbone(backbone_file)
-    res = knn_eval.evaluate_knn(
-        backbone, tiny_data / "train", tiny_data / "val", ks=(1, 5), resize=32, crop=32
-    )
+    from dino_train.measure.knn_bank import evaluate_knn
+
+    res = evaluate_knn(backbone, tiny_data / "train", tiny_data / "val", ks=(1, 5), resize=32, crop=32)
     assert set(res) == {1, 5}
     assert all(isinstance(v, tuple) and len(v) == 2 for v in res.values())
     args = ["--checkpoint", str(backbone_file), "--data", str(tiny_data), "--ks", "1", "5", *COMMON]
@@ -81,7 +82,7 @@ def test_eval_knn_torchrun_matches_one_process(tiny_data, backbone_file, tmp_pat
     args = ["--checkpoint", str(backbone_file), "--data", str(tiny_data), "--ks", "1", "5", "20", *COMMON]
     knn_eval.main([*args, "--output-dir", str(tmp_path / "one"), "--dump-features", str(tmp_path / "f1")])
     # Batch size 3 gives each rank a ragged last batch.
-    _torchrun("eval.knn_eval", *args, "--batch-size", "3", "--output-dir", str(tmp_path / "two"),
+    _torchrun("eval.knn", *args, "--batch-size", "3", "--output-dir", str(tmp_path / "two"),
               "--dump-features", str(tmp_path / "f2"))  # fmt: skip
     one = json.loads((tmp_path / "one" / "knn_results.json").read_text())
     two = json.loads((tmp_path / "two" / "knn_results.json").read_text())
@@ -98,7 +99,7 @@ FEATURE_SCRIPT = """
 import sys
 import torch
 from dino_train.runtime.distributed import cleanup, detect_env, init_distributed
-from eval.features import extract_features
+from dino_train.measure.features import extract_features
 
 env = detect_env()
 init_distributed(env, torch.device("cpu"))
@@ -188,7 +189,7 @@ def test_eval_linear_torchrun_matches_one_process(tiny_data, backbone_file, tmp_
     run = ["--epochs", "2", "--lr", "0.5", "--n-last-blocks", "1", "--cached-features"]
     linear_eval.main(_linear_args(tiny_data, backbone_file, tmp_path / "one", *run, "--batch-size", "8"))
     _torchrun(
-        "eval.linear_eval",
+        "eval.linear.cli",
         *_linear_args(tiny_data, backbone_file, tmp_path / "two", *run, "--batch-size", "4"),
     )
     one = torch.load(tmp_path / "one" / "linear_classifiers.pth", weights_only=True)["last"]
@@ -200,7 +201,7 @@ def test_eval_linear_torchrun_matches_one_process(tiny_data, backbone_file, tmp_
 
 
 def test_probe_features_layout():
-    from eval.linear_model import backbone_tokens, variant_features
+    from eval.linear.model import backbone_tokens, variant_features
 
     torch.manual_seed(0)
     model = build_backbone("vit_tiny", patch_size=8, img_size=32).eval()
@@ -233,7 +234,7 @@ def test_eval_linear_evaluates_a_release_format_classifier(tiny_data, backbone_f
 
 
 def test_a_standardised_grid_folds_into_plain_probes_on_raw_features():
-    from eval.linear_model import GridPoint, LinearGrid, feature_stats, variant_features
+    from eval.linear.model import GridPoint, LinearGrid, feature_stats, variant_features
 
     torch.manual_seed(0)
     tokens = torch.randn(64, 4, 8) * torch.logspace(-3, 2, 8) + torch.randn(8) * 5  # scales far apart
@@ -254,7 +255,7 @@ def test_a_standardised_grid_folds_into_plain_probes_on_raw_features():
 
 
 def test_eval_linear_standardize_is_the_scorecard_probe(tiny_data, backbone_file, tmp_path):
-    from eval.loading import load_backbone
+    from dino_train.models.loading import load_backbone
     from eval.scorecard import evaluate_linear
 
     run = ["--epochs", "3", "--lr", "0.3", "--batch-size", "16", "--cached-features", "--standardize"]

@@ -10,9 +10,9 @@ import torch
 
 from dino_train.config import ModelConfig
 from dino_train.models import build_backbone, build_student_teacher
+from dino_train.models.loading import clean_keys, load_backbone
 from dino_train.runtime.files import CheckpointError, with_prefix
 from dino_train.train.checkpoint import export_backbone
-from eval.loading import clean_keys, load_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,8 +9,8 @@ import timm
 import torch
 
 from dino_train.models import build_backbone
+from dino_train.models.loading import load_backbone
 from eval.export import main as export_main
-from eval.loading import load_backbone
 
 pytestmark = pytest.mark.slow
 

@@ -1,17 +1,18 @@
 """Patch tokens to disk: ``eval_knn --dump-features DIR --patch-tokens`` and
 ``dino.extract_features(..., patch_tokens=True, out=DIR)`` stream them into a feature store
-(``eval.feature_store``) that holds the model's own tokens, in data set order, with the grid recorded."""
+(``dino_train.measure.feature_store``) that holds the model's own tokens, in data set order, with the grid
+recorded."""
 
 import pytest
 import torch
 
 import dino
 from dino_train.data import ImageDataset, eval_transform
+from dino_train.measure.feature_store import open_store
+from dino_train.models.loading import load_backbone
 from dino_train.runtime.files import CheckpointError
-from eval.feature_store import open_store
-from eval.knn_eval import FEATURES_FILE, PATCH_DIR
-from eval.knn_eval import main as knn_main
-from eval.loading import load_backbone
+from eval.knn.cli import FEATURES_FILE, PATCH_DIR
+from eval.knn.cli import main as knn_main
 
 
 def test_knn_dump_holds_each_images_patch_tokens(backbone_file, tiny_data, tmp_path, one_thread):

@@ -12,9 +12,9 @@ from torch import nn
 
 from dino_train.config import load_config
 from dino_train.models import backbone_spec, build_backbone, build_from_spec
+from dino_train.models.loading import load_backbone
 from dino_train.train import train
 from dino_train.train.checkpoint import export_backbone
-from eval.loading import load_backbone
 from tests.conftest import REPO, tiny_overrides
 
 

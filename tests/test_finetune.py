@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from dino_train.models import build_backbone
+from dino_train.models.loading import load_backbone
 from dino_train.runtime.files import with_prefix
-from eval import finetune_eval
 from eval.common import EvalExit
-from eval.finetune_model import FineTuneModel, param_groups, set_drop_path
-from eval.loading import load_backbone
+from eval.finetune import cli as finetune_eval
+from eval.finetune import runner
+from eval.finetune.model import FineTuneModel, param_groups, set_drop_path
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--crop", "32", "--resize", "32", "--batch-size", "8", "--num-workers", "0", "--device", "cpu",
@@ -55,7 +56,7 @@ def test_layer_decay_groups_and_drop_path():
 
 
 def test_randaugment_specs_that_would_crash_are_refused_up_front(tmp_path):
-    from eval.finetune_train import check_randaugment, train_transform
+    from eval.finetune.train import check_randaugment, train_transform
 
     train_transform(32, "rand-m9-mstd0.5-inc1-mmax9", 0.25)  # the default
     train_transform(32, "none", 0.0)
@@ -87,7 +88,7 @@ def test_finetune_writes_results_and_resumes_exactly(tiny_data, backbone_file, t
     assert info["epoch"] == res["best"]["epoch"] + 1  # files count epochs completed
     assert not torch.equal(tuned.blocks[-1].mlp.fc2.weight, pretrained.blocks[-1].mlp.fc2.weight)
 
-    calls, real = [], finetune_eval.train_one_epoch
+    calls, real = [], runner.train_one_epoch
 
     def preempted_in_epoch_two(*a, **k):
         calls.append(1)
@@ -95,12 +96,12 @@ def test_finetune_writes_results_and_resumes_exactly(tiny_data, backbone_file, t
             raise KeyboardInterrupt("preempted")
         return real(*a, **k)
 
-    monkeypatch.setattr(finetune_eval, "train_one_epoch", preempted_in_epoch_two)
+    monkeypatch.setattr(runner, "train_one_epoch", preempted_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
         finetune_eval.main(_args(backbone_file, tiny_data, tmp_path / "cut", *run))
     cut_state = torch.load(tmp_path / "cut" / "finetune_checkpoint.pth", weights_only=True)
     assert cut_state["epoch"] == 1
-    monkeypatch.setattr(finetune_eval, "train_one_epoch", real)
+    monkeypatch.setattr(runner, "train_one_epoch", real)
     assert finetune_eval.main(_args(backbone_file, tiny_data, tmp_path / "cut", *run)) == 0
     full = torch.load(tmp_path / "full" / "finetune_checkpoint.pth", weights_only=True)["model"]
     cut = torch.load(tmp_path / "cut" / "finetune_checkpoint.pth", weights_only=True)["model"]
@@ -152,15 +153,15 @@ def test_finetune_under_torchrun_agrees_with_its_checkpoint(tiny_data, backbone_
     out = tmp_path / "two"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += ["-m", "eval.finetune_eval", *_args(backbone_file, tiny_data, out, "--epochs", "1")]
+    cmd += ["-m", "eval.finetune", *_args(backbone_file, tiny_data, out, "--epochs", "1")]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "finetune_results.json").read_text())
     assert (res["settings"]["world_size"], res["settings"]["total_batch"]) == (2, 16)
     # The two ranks' shards of val were gathered: one process scoring the saved model gets the same.
     from dino_train.data import eval_transform
-    from eval.common import class_folders
-    from eval.finetune_train import validate
+    from dino_train.data.labelled import class_folders
+    from eval.finetune.train import validate
 
     state = torch.load(out / "finetune_checkpoint.pth", weights_only=True)
     model = FineTuneModel(build_backbone("vit_tiny", patch_size=8, img_size=32), 10)

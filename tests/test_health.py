@@ -15,7 +15,9 @@ import torch
 from dino_train.config import load_config
 from dino_train.core.metrics import dino_metrics, feature_std
 from dino_train.data.embedded import SHAPE_CLASSES
+from dino_train.measure.jaccard import folder_jaccard
 from dino_train.models import build_backbone
+from dino_train.models.loading import load_backbone
 from dino_train.monitor.health import CollapseDetector
 from dino_train.monitor.logger import Monitor
 from dino_train.monitor.periodic import PeriodicJaccard
@@ -23,8 +25,6 @@ from dino_train.monitor.report import main as report_main
 from dino_train.monitor.report import read_log, summarize
 from dino_train.runtime.distributed import free_port
 from dino_train.train import train
-from eval.attention_jaccard import folder_jaccard
-from eval.loading import load_backbone
 from tests.conftest import tiny_overrides
 
 

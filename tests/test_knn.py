@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from eval.knn import faiss_topk, knn_classify, knn_vote
+from dino_train.measure.knn import faiss_topk, knn_classify, knn_vote
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,8 +81,8 @@ def test_accuracy_on_separable_clusters_matches_brute_force_vote():
 
 
 def test_val_classes_missing_from_train_are_reported(tmp_path):
+    from dino_train.measure.knn_bank import evaluate_knn
     from dino_train.models import build_backbone
-    from eval.knn_eval import evaluate_knn
 
     colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
     for split, names in (("train", ["red", "green"]), ("val", ["red", "green", "blue"])):

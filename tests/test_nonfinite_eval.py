@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from dino_train.models import build_backbone
+from dino_train.models.loading import load_backbone
 from dino_train.train.checkpoint import export_backbone
-from eval.loading import load_backbone
 
 
 def nan_backbone(path: Path) -> Path:
@@ -23,7 +23,7 @@ def nan_backbone(path: Path) -> Path:
 
 def test_non_finite_weights_warn_and_their_features_are_refused(tmp_path, tiny_data, capsys, one_thread):
     from dino_train.data import ImageDataset, eval_transform
-    from eval.features import NonFiniteFeaturesError, extract_features
+    from dino_train.measure.features import NonFiniteFeaturesError, extract_features
 
     path = nan_backbone(tmp_path / "teacher_backbone.pth")
     with pytest.warns(UserWarning, match=rf"{path}: 5 of \d+ weights are not finite .* in 2 tensors \(norm"):
@@ -44,8 +44,8 @@ def test_non_finite_weights_warn_and_their_features_are_refused(tmp_path, tiny_d
 
 @pytest.mark.slow
 def test_eval_knn_reports_no_accuracy_on_nan_features(tmp_path, tiny_data, capsys, one_thread):
-    from eval import knn_eval
     from eval.common import EvalExit
+    from eval.knn import cli as knn_eval
 
     path = nan_backbone(tmp_path / "teacher_backbone.pth")
     with pytest.warns(UserWarning, match="5 of"), pytest.raises(EvalExit) as stop:

@@ -64,7 +64,7 @@ def test_ibot_state_is_checkpointed(tiny_data, tmp_path, one_thread):
 
 
 def test_registers_reach_the_backbone_and_eval(tiny_data, tmp_path, one_thread):
-    from eval.loading import load_backbone
+    from dino_train.models.loading import load_backbone
 
     out = tmp_path / "r"
     run(tiny_data, out, "train.max_steps=1", "model.num_registers=3")

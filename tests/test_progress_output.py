@@ -51,7 +51,7 @@ def read_pty(master: int) -> str:
 def test_eval_feature_bars_follow_the_rule(tiny_data, monkeypatch, capsys, one_thread):
     """extract_features draws its bar on a terminal and nothing into a pipe or under Slurm."""
     from dino_train.data import ImageDataset, eval_transform
-    from eval.features import extract_features
+    from dino_train.measure.features import extract_features
 
     model = build_backbone("vit_tiny", 8, 32).eval()
     val = ImageDataset(tiny_data / "val", eval_transform(32, 32))

@@ -13,17 +13,17 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 from dino_train.models import build_backbone
 from dino_train.runtime.files import with_prefix
-from eval import retrieval_eval
-from eval.retrieval_features import cls_gem_descriptor, gem, multiscale
-from eval.retrieval_gnd import GroundTruthError, find_named, name_truths, read_gnd
-from eval.retrieval_metrics import (
+from eval.retrieval import cli as retrieval_eval
+from eval.retrieval.features import cls_gem_descriptor, gem, multiscale
+from eval.retrieval.gnd import GroundTruthError, find_named, name_truths, read_gnd
+from eval.retrieval.metrics import (
     QueryTruth,
     average_precision,
     evaluate_revisited,
     mean_average_precision,
     positive_ranks,
 )
-from eval.retrieval_whitening import learn_whitening
+from eval.retrieval.whitening import learn_whitening
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,6 +14,7 @@ import torch
 
 from dino_train.config import load_config
 from dino_train.models import build_backbone
+from dino_train.models.loading import load_backbone, read_file
 from dino_train.runtime.files import (
     CheckpointError,
     UnsafeCheckpointError,
@@ -21,7 +22,6 @@ from dino_train.runtime.files import (
 from dino_train.runtime.safe_load import safe_torch_load
 from dino_train.train import train
 from dino_train.train.checkpoint import CheckpointManager, load_file
-from eval.loading import load_backbone, read_file
 from tests.conftest import REPO, tiny_overrides
 from tests.hardening_helpers import ENV, training_state
 
@@ -99,11 +99,11 @@ def refused_by_every_cli(tmp_path: Path, bad: Path) -> dict[str, list[str]]:
     ckpt = ["--checkpoint", str(bad), "--device", "cpu"]
     out = ["--output-dir", str(tmp_path / "out")]
     return {
-        "eval_knn": ["-m", "eval.knn_eval", *ckpt, "--data", str(tmp_path / "data"), "--num-workers", "0"],
-        "eval_linear": ["-m", "eval.linear_eval", *ckpt, "--data", str(tmp_path / "data"), *out],
-        "visualize_attention": ["-m", "eval.visualize", *ckpt, "--input", str(tmp_path / "img.png")]
+        "eval_knn": ["-m", "eval.knn", *ckpt, "--data", str(tmp_path / "data"), "--num-workers", "0"],
+        "eval_linear": ["-m", "eval.linear", *ckpt, "--data", str(tmp_path / "data"), *out],
+        "visualize_attention": ["-m", "eval.attention.visualize", *ckpt, "--input", str(tmp_path / "img.png")]
         + ["--output", str(tmp_path / "vis")],
-        "eval_attention": ["-m", "eval.attention_eval", *ckpt, "--images", str(tmp_path / "data")]
+        "eval_attention": ["-m", "eval.attention", *ckpt, "--images", str(tmp_path / "data")]
         + ["--masks", str(tmp_path / "masks"), *out],
         "dino-export": ["-m", "eval.export", "--checkpoint", str(bad), "--format", "safetensors"]
         + ["--output", str(tmp_path / "export")],

@@ -5,7 +5,7 @@ worth doing (a dimension's scale no longer decides the probe)."""
 import torch
 
 import dino
-from eval.linear_model import feature_stats
+from eval.linear.model import feature_stats
 
 
 def test_the_statistics_are_the_train_split_s():

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from dino_train.data.embedded_video import davis_palette, generate_embedded_videos
-from eval import video_seg_eval
-from eval.video_seg_metrics import boundary_f, boundary_map, region_similarity, score_video, summarize
-from eval.video_seg_propagation import (
+from eval.video_seg import cli as video_seg_eval
+from eval.video_seg.metrics import boundary_f, boundary_map, region_similarity, score_video, summarize
+from eval.video_seg.propagation import (
     LabelPropagator,
     PropagationSettings,
     neighbourhood,

@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 
 from dino_train.models import build_backbone
-from eval.loading import load_backbone
-from eval.visualize import main, write_attention_grid
+from dino_train.models.loading import load_backbone
+from eval.attention.figures import write_attention_grid
+from eval.attention.visualize import main
 
 pytestmark = pytest.mark.slow
 

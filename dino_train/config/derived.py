@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from dino_train.config.fields import ConfigError, check_fields
 from dino_train.config.schema import Config
+from dino_train.data.transforms import resize_for
 from dino_train.models.backbone import RELEASE_ARCHS, is_known_arch
-from eval.defaults import resize_for
 
 
 def _check(ok: bool, key: str, message: str) -> None:

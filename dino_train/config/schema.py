@@ -16,7 +16,7 @@ from dino_train.config.fields import (
     required,
     setting,
 )
-from eval import defaults as eval_defaults
+from dino_train.measure.settings import KNN_KS, KNN_TEMPERATURE
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 
@@ -178,8 +178,8 @@ class MonitorConfig:
     # Periodic k-NN on a labelled folder with train/ and val/ class folders; "" disables it.
     knn_data: str = ""
     knn_every_epochs: int = setting(1, at_least(1))
-    knn_ks: tuple[int, ...] = setting(eval_defaults.KNN_KS, each(at_least(1)))
-    knn_temperature: float = setting(eval_defaults.KNN_TEMPERATURE, positive)
+    knn_ks: tuple[int, ...] = setting(KNN_KS, each(at_least(1)))
+    knn_temperature: float = setting(KNN_TEMPERATURE, positive)
     knn_resize: int = setting(0, at_least(0))  # 0: knn_crop * 256 / 224, as the release's 256 / 224
     knn_crop: int = setting(0, at_least(0))  # 0: data.global_crops_size
     knn_batch_size: int = setting(128, at_least(1))

@@ -11,6 +11,13 @@ from torchvision import transforms as T
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BICUBIC = T.InterpolationMode.BICUBIC
+RESIZE_RATIO = 256 / 224  # Resize(256) then CenterCrop(224): the short side is resized to crop * 256 / 224
+
+
+def resize_for(crop: int) -> int:
+    """The short side to resize to before a centre crop of ``crop`` pixels, as the release (256 for 224):
+    the one rule of every evaluation door (the eval tools, the training monitor, ``dino.``, the demo)."""
+    return round(crop * RESIZE_RATIO)
 
 
 class RandomGaussianBlur:

@@ -14,18 +14,18 @@ from torch import Tensor, nn
 from dino_train.config import Config, knn_sizes
 from dino_train.data import DataError, ImageDataset, eval_transform
 from dino_train.data.embedded import MASKS
-from dino_train.models.backbone import NotAViTError
-from dino_train.monitor.logger import Monitor
-from eval.attention import colorize, denormalize, summarize, upsample, vit_patch_size
-from eval.attention_jaccard import (
+from dino_train.data.labelled import class_folders
+from dino_train.measure.attention import colorize, denormalize, summarize, upsample, vit_patch_size
+from dino_train.measure.jaccard import (
     BRIGHTER,
     DARKER,
     attention_jaccard,
     describe_references,
     load_masked_images,
 )
-from eval.common import class_folders
-from eval.knn_eval import classify_bank, extract_bank
+from dino_train.measure.knn_bank import classify_bank, extract_bank
+from dino_train.models.backbone import NotAViTError
+from dino_train.monitor.logger import Monitor
 
 if TYPE_CHECKING:  # the loop calls these hooks; monitor never imports the loop
     from dino_train.train.state import TrainState

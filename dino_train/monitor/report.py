@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from eval.cli import HelpFormatter
+from dino_train.runtime.cli import HelpFormatter
 
 
 def read_log(run_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
@@ -111,7 +111,7 @@ def plot(kinds: dict[str, list[dict[str, Any]]], out: str | Path) -> Path:
         ax.plot(
             [r["step"] for r in jaccard], [r["mean"] for r in jaccard], marker="s", label="attention Jaccard"
         )
-        from eval.attention_jaccard import PRIOR  # here: reading a log needs no torch otherwise
+        from dino_train.measure.jaccard import PRIOR
 
         prior = jaccard[-1].get("references", {}).get(PRIOR)
         if prior is not None:  # what one fixed map scores: the attention must beat it to find each object
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     if jac:
         print(f"attention Jaccard: {jac['mean']:.1f}% (head mean, {epoch_label(jac['epoch'])})")
         if jac["references"]:
-            from eval.attention_jaccard import describe_references
+            from dino_train.measure.jaccard import describe_references
 
             print(f"                   {describe_references(jac['references'])}")
     print(f"skipped images: {s['skipped_files']}")

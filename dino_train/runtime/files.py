@@ -4,6 +4,7 @@ run starts. Loading is ``dino_train.runtime.safe_load``; checksums ``dino_train.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -110,6 +111,14 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         tmp.unlink(missing_ok=True)
         raise save_failure(path, err) from err
     return path
+
+
+def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
+    """``obj`` as JSON (``indent`` spaces, a final newline) through a temporary file, so that a reader
+    never sees half a result; the parent folders are made. Every JSON file the project writes goes here."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
 def atomic_alias(src: Path, dst: Path) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dino_train.models.architecture import spec_sidecar_path, spec_sidecar_text
 from dino_train.models.backbone import BackboneSpec
 from dino_train.runtime.files import (
     CheckpointError,
@@ -32,7 +33,6 @@ from dino_train.runtime.files import (
     save_failure,
 )
 from dino_train.runtime.safe_load import load_verified
-from eval.architecture import spec_sidecar_path, spec_sidecar_text
 
 LATEST = "checkpoint.pth"
 BACKBONE_EXPORT = "teacher_backbone.pth"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from torch import nn
 
+from dino_train.models.loading import drop_classifier, read_file, select_state_dict, state_dict_diff
 from dino_train.runtime.files import CheckpointError, strip_prefix
-from eval.loading import drop_classifier, read_file, select_state_dict, state_dict_diff
 
 
 def _split(sd: dict) -> tuple[dict, dict]:

@@ -25,12 +25,12 @@ from tqdm import tqdm
 
 from dino_train.core.schedules import cosine_schedule
 from dino_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from dino_train.measure.features import extract_features
 from dino_train.runtime.files import CheckpointError, atomic_save
 from dino_train.runtime.precision import autocast
 from dino_train.runtime.progress import use_progress_bar
 from dino_train.runtime.safe_load import load_verified
-from eval.features import extract_features
-from eval.linear_model import topk_correct
+from eval.linear.model import topk_correct
 
 CHECKPOINT_FILE = "finetune_checkpoint.pth"
 

@@ -14,7 +14,7 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from eval.attention import (
+from dino_train.measure.attention import (
     apply_mask,
     colorize,
     denormalize,

@@ -17,7 +17,7 @@ from timm.layers import DropPath
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from eval.linear_model import new_linear
+from eval.linear.model import new_linear
 
 # Parameters of a ViT that sit before the first block (layer 0 of the decay) and take no weight decay.
 _EMBEDDINGS = ("cls_token", "reg_token", "dist_token", "pos_embed", "patch_embed.", "mask_token")
@@ -29,7 +29,7 @@ class FineTuneModel(nn.Module):
 
     The classifier starts as the linear probe's does (weights N(0, 0.01), bias 0): small logits at first,
     so the early, large gradients do not wreck the pretrained features. State dict keys are
-    ``backbone.*`` and ``head.*``, which ``eval.loading`` reads back as a backbone."""
+    ``backbone.*`` and ``head.*``, which ``dino_train.models.loading`` reads back as a backbone."""
 
     def __init__(self, backbone: nn.Module, num_classes: int):
         super().__init__()

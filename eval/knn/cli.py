@@ -1,7 +1,7 @@
 """``eval_knn``: weighted k-NN accuracy of a frozen backbone on a train/val class-folder data set.
 
     eval_knn --checkpoint runs/dino/checkpoint.pth --data /data/imagenet --output-dir runs/knn
-    torchrun --nproc_per_node=2 -m eval.knn_eval --checkpoint dino_deitsmall16_pretrain.pth --data ...
+    torchrun --nproc_per_node=2 -m eval.knn --checkpoint dino_deitsmall16_pretrain.pth --data ...
 
 Features are the final-norm CLS token after a bicubic resize of the short side and a centre crop: by
 default CenterCrop(224) after Resize(256), the release's rule, which for another --crop C resizes to
@@ -19,100 +19,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from dino_train.data import DataError, eval_transform
+from dino_train.data.labelled import class_folders
+from dino_train.measure.knn import KNN_KS, KNN_TEMPERATURE
+from dino_train.measure.knn_bank import classify_bank, extract_bank
+from dino_train.runtime.cli import HelpFormatter, default_workers
 from dino_train.runtime.distributed import barrier, cleanup
-from dino_train.runtime.files import CheckpointError, atomic_save, check_writable_dir
+from dino_train.runtime.files import CheckpointError, atomic_save, check_writable_dir, write_json
 from eval.common import (
-    ClassFolders,
-    HelpFormatter,
     add_backbone_args,
     add_size_args,
     backbone_from_args,
     backbone_record,
-    class_folders,
-    default_workers,
     eval_sizes,
     input_error,
     print_table,
     settings_record,
     setup_process,
     split_roots,
-    write_json,
     write_scalars,
 )
-from eval.defaults import KNN_KS, KNN_TEMPERATURE, resize_for
-from eval.feature_store import stream_features
-from eval.features import extract_features
-from eval.knn import knn_classify
 
 FEATURES_FILE = "knn_features.pth"
 PATCH_DIR = "patch_tokens"  # under --dump-features DIR: one feature store per split
 RESULTS_FILE = "knn_results.json"
-
-
-def extract_bank(
-    backbone: nn.Module,
-    data: ClassFolders,
-    batch_size: int,
-    num_workers: int,
-    device: torch.device | str,
-    progress: bool = True,
-    patch_dir: Path | None = None,
-) -> dict[str, Any]:
-    """Features and labels of both splits: train_feats (N, D), train_labels (N,), val_feats (M, D),
-    val_labels (M,), labels indexing ``classes`` (shared by both splits). ``patch_dir``: also stream
-    each split's patch tokens to the feature store ``patch_dir/<split>`` (``eval.feature_store``)."""
-    backbone = backbone.to(device)
-    bank: dict[str, Any] = {"classes": data.classes, "missing_from_train": data.missing_from_train}
-    for split, ds in (("train", data.train), ("val", data.val)):
-        if patch_dir is None:
-            feats, labels = extract_features(backbone, ds, batch_size, num_workers, device, progress=progress)
-        else:
-            paths = [Path(p) for p, _ in ds.samples]
-            args = (batch_size, num_workers, device, progress, paths)
-            feats, labels = stream_features(backbone, ds, patch_dir / split, *args)
-        bank[f"{split}_feats"] = feats
-        bank[f"{split}_labels"] = data.remap(ds, labels)
-    return bank
-
-
-def evaluate_knn(
-    backbone: nn.Module,
-    train_root: str | Path,
-    val_root: str | Path,
-    ks: Sequence[int] = KNN_KS,
-    temperature: float = KNN_TEMPERATURE,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    resize: int | None = None,
-    crop: int = 224,
-    device: torch.device | str = "cpu",
-) -> dict[int, tuple[float, float]]:
-    """{k: (top-1 %, top-5 %)} of ``backbone``'s features on ``val_root`` with ``train_root`` as the bank.
-
-    Images: bicubic resize of the short side to ``resize`` px (None: crop * 256 / 224), centre crop."""
-    tf = eval_transform(resize=resize or resize_for(crop), crop=crop)
-    data = class_folders(train_root, val_root, tf, tf)
-    bank = extract_bank(backbone, data, batch_size, num_workers, device, progress=False)
-    return classify_bank(bank, ks, temperature)
-
-
-def classify_bank(
-    bank: dict[str, Any], ks: Sequence[int], temperature: float, use_gpu: bool | None = None
-) -> dict[int, tuple[float, float]]:
-    """{k: (top-1 %, top-5 %)} of the val features against the train bank (see ``eval.knn``)."""
-    return knn_classify(
-        bank["train_feats"],
-        bank["train_labels"],
-        bank["val_feats"],
-        bank["val_labels"],
-        num_classes=len(bank["classes"]),
-        ks=ks,
-        temperature=temperature,
-        use_gpu=use_gpu,
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:

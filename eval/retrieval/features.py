@@ -28,8 +28,8 @@ from torchvision.transforms import functional as TF
 
 from dino_train.data.datasets import UNREADABLE, DataError, load_rgb
 from dino_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from dino_train.measure.features import FeatureFn
 from dino_train.models.backbone import NotAViTError, as_vit
-from eval.features import FeatureFn
 
 MULTISCALE_SCALES: tuple[float, ...] = (1.0, 1.0 / math.sqrt(2.0), 0.5)  # the release's multi_scale
 GEM_POWER = 4.0  # the release's copy detection pools patch tokens with GeM p = 4

@@ -32,33 +32,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dino_train.measure.features import FeatureFn, extract_features
+from dino_train.measure.knn import faiss_topk
 from dino_train.models.backbone import NotAViTError
+from dino_train.runtime.cli import HelpFormatter, default_workers
 from dino_train.runtime.distributed import barrier, cleanup
-from dino_train.runtime.files import CheckpointError, check_writable_dir
-from eval import retrieval_gnd as gt
+from dino_train.runtime.files import CheckpointError, check_writable_dir, write_json
 from eval.common import (
-    HelpFormatter,
     add_backbone_args,
     backbone_from_args,
     backbone_record,
-    default_workers,
     input_error,
     print_table,
     settings_record,
     setup_process,
-    write_json,
 )
-from eval.features import FeatureFn, extract_features
-from eval.knn import faiss_topk
-from eval.retrieval_features import (
+from eval.retrieval import gnd as gt
+from eval.retrieval.features import (
     DESCRIPTORS,
     MULTISCALE_SCALES,
     RESIZE_MODES,
     RetrievalImages,
     descriptor_fn,
 )
-from eval.retrieval_metrics import evaluate_revisited, mean_average_precision
-from eval.retrieval_whitening import learn_whitening
+from eval.retrieval.metrics import evaluate_revisited, mean_average_precision
+from eval.retrieval.whitening import learn_whitening
 
 RESULTS_FILE = "retrieval_results.json"
 PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {

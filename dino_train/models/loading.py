@@ -9,8 +9,8 @@ Accepted, told apart by their contents:
 - ``timm:<model name>`` with a local ``weights`` file (nothing is ever downloaded).
 
 The architecture comes from what our checkpoints record (the timm name and kwargs), else it is read from
-the weights (``eval.architecture``), so the user does not have to repeat it; when they do, a value that
-does not fit is an error naming what the weights are.
+the weights (``dino_train.models.architecture``), so the user does not have to repeat it; when they do, a
+value that does not fit is an error naming what the weights are.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from dino_train.models.architecture import Inferred, from_recorded, infer_backbone, read_spec_sidecar
 from dino_train.models.backbone import BackboneSpec, backbone_spec, build_from_spec
 from dino_train.runtime.checksums import verify_sidecar
 from dino_train.runtime.files import CheckpointError, UnsafeCheckpointError, strip_prefix
 from dino_train.runtime.safe_load import load_error_reason, load_verified
-from eval.architecture import Inferred, from_recorded, infer_backbone, read_spec_sidecar
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _LIST_LIMIT = 12  # keys shown per category in a mismatch report

@@ -12,8 +12,8 @@ A store is a folder:
 
 The ``.npy`` files are numpy's format (``np.load(f, mmap_mode="r")`` opens them anywhere); ``store.json``
 is written last, so a folder without it is an extraction that did not finish. Rows are in data set order:
-under torchrun every rank writes the rows of its own shard (``eval.features`` gives rank r the images
-r, r + world, ...) into the same file, which rank 0 creates first.
+under torchrun every rank writes the rows of its own shard (``dino_train.measure.features`` gives rank r
+the images r, r + world, ...) into the same file, which rank 0 creates first.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from dino_train.measure.features import extract_features
 from dino_train.runtime import distributed as D
 from dino_train.runtime.files import CheckpointError, atomic_write_text
-from eval.features import extract_features
 
 STORE_FILE = "store.json"
 TOKENS_FILE = "patch_tokens.npy"

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from eval.defaults import KNN_KS, KNN_TEMPERATURE
+from dino_train.measure.settings import KNN_KS, KNN_TEMPERATURE
 
 # faiss's GPU brute-force search has a hard limit on k (faiss issues #1384, #2103).
 FAISS_GPU_MAX_K = 2048

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from dino_train.data.datasets import IMAGE_EXTENSIONS
-from eval.retrieval_metrics import QueryTruth
+from eval.retrieval.metrics import QueryTruth
 
 # (module, name) pairs a gnd pickle may use: numpy's array and scalar rebuilders, which only allocate
 # memory and copy bytes. numpy 2 moved numpy.core to numpy._core; pickles name either.

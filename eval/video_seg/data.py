@@ -22,7 +22,7 @@ from torchvision.transforms import functional as TF
 from dino_train.data.datasets import UNREADABLE, DataError, load_rgb
 from dino_train.data.embedded_video import davis_palette
 from dino_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from eval.video_seg_metrics import VOID_LABEL
+from eval.video_seg.metrics import VOID_LABEL
 
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png")
 SHORT_SIDE = 480  # the release's frame size

@@ -5,7 +5,7 @@
     eval_linear ... --cached-features --epochs 20                               # fast, no augmentation
     eval_linear ... --cached-features --standardize --lr 0.3 --epochs 50        # the demo's scorecard probe
     eval_linear ... --evaluate --classifier runs/linear/linear_best.pth
-    torchrun --nproc_per_node=2 -m eval.linear_eval ...
+    torchrun --nproc_per_node=2 -m eval.linear ...
 
 The release's recipe: SGD momentum 0.9, no weight decay, lr 0.001 * total batch / 256, cosine to 0 over
 the epochs (stepped per epoch), RandomResizedCrop + flip for training, Resize + CenterCrop for val,
@@ -28,24 +28,22 @@ from typing import Any
 import torch
 
 from dino_train.data import DataError, eval_transform
+from dino_train.data.labelled import ClassFolders, class_folders
+from dino_train.measure.features import extract_features
+from dino_train.runtime.cli import HelpFormatter, default_workers
 from dino_train.runtime.distributed import barrier, cleanup
 from dino_train.runtime.files import CheckpointError, atomic_save, check_writable_dir
 from eval.common import (
-    ClassFolders,
-    HelpFormatter,
     add_backbone_args,
     add_size_args,
     backbone_from_args,
-    class_folders,
-    default_workers,
     eval_sizes,
     input_error,
     settings_record,
     setup_process,
     split_roots,
 )
-from eval.features import extract_features
-from eval.linear_model import (
+from eval.linear.model import (
     GridPoint,
     LinearGrid,
     backbone_tokens,
@@ -53,8 +51,8 @@ from eval.linear_model import (
     feature_stats,
     max_blocks,
 )
-from eval.linear_report import evaluate_only, finish
-from eval.linear_train import (
+from eval.linear.report import evaluate_only, finish
+from eval.linear.train import (
     Tracker,
     cached_batches,
     image_batches,

@@ -4,36 +4,19 @@ epoch, the best and the last, every setting that produced them), and what its sa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
 from torch import nn
 
+from dino_train.data.labelled import ClassFolders
 from dino_train.models.pos_embed import ReleasePosEmbedViT
-from eval.common import backbone_record, settings_record, write_json
-
-if TYPE_CHECKING:  # only for annotations: the runner imports this module
-    from eval.finetune_eval import FineTune
+from dino_train.runtime.files import write_json
+from eval.common import backbone_record
 
 RESULTS_FILE = "finetune_results.json"
 BEST_FILE = "finetune_best.pth"
 # Settings a resumed run may change: where and how fast it runs, not what it computes.
 NOT_IDENTITY = ("output_dir", "num_workers", "no_progress", "no_resume", "device", "world_size", "precision")
-
-
-def run_settings(run: FineTune, device: torch.device, world: int) -> dict[str, Any]:
-    """Every flag (the resize actually used for --resize's default), the device and process count, and
-    what the flags resolved to: total batch, peak lr, steps per epoch, the lr spread, drop path."""
-    args = run.args
-    return settings_record(args, device, world) | {
-        "total_batch": run.total_batch,
-        "lr_scaled": args.lr * run.total_batch / 256,
-        "steps_per_epoch": len(run.loader),
-        "layer_decay_applied": run.plan.describe(),
-        "drop_path_applied": args.drop_path if run.drop_path else "none (not a ViT)",
-        "precision_used": run.step.precision,
-        "mixup_applied": run.step.mixup is not None,
-    }
 
 
 def identity_of(settings: dict[str, Any]) -> dict[str, Any]:
@@ -52,7 +35,8 @@ def summary_line(settings: dict[str, Any]) -> str:
 
 
 def backbone_spec_record(backbone: nn.Module, info: dict[str, Any]) -> dict[str, Any]:
-    """How to rebuild the backbone (what our training checkpoints record): eval.loading reads it back."""
+    """How to rebuild the backbone (what our training checkpoints record); ``dino_train.models.loading``
+    reads it back."""
     rule = "release" if isinstance(backbone, ReleasePosEmbedViT) else "timm"
     return {"timm_name": info["timm_name"], "kwargs": dict(info.get("timm_kwargs") or {}), "pos_embed": rule}
 
@@ -92,8 +76,8 @@ class Progress:
             self.writer.add_scalar(f"finetune/{key}", record[key], e)
         self.writer.flush()
 
-    def write(self, run: FineTune) -> None:
-        data = run.data
+    def write(self, data: ClassFolders, info: dict[str, Any], settings: dict[str, Any]) -> None:
+        """``finetune_results.json``: the history so far, the data set, the backbone and every setting."""
         write_json(
             self.out / RESULTS_FILE,
             {
@@ -102,25 +86,25 @@ class Progress:
                 "note": "best: the epoch with the highest val top-1 (chosen on val, as the release reports); "
                 "last: the final epoch's. Epochs are 0-based indices.",
                 "history": self.history,
-                "epochs": run.args.epochs,
+                "epochs": settings["epochs"],
                 "epochs_completed": len(self.history),
                 "num_classes": len(data.classes),
                 "num_train": len(data.train),
                 "num_val": len(data.val),
                 "classes": data.classes,
                 "missing_from_train": data.missing_from_train,
-                "backbone": backbone_record(run.info),
-                "settings": run.settings,
+                "backbone": backbone_record(info),
+                "settings": settings,
                 "best_weights": str(self.out / BEST_FILE),
             },
         )
 
-    def finish(self, run: FineTune) -> None:
+    def finish(self, data: ClassFolders, info: dict[str, Any], settings: dict[str, Any]) -> None:
         if not self.main:
             return
         if self.writer is not None:
             self.writer.close()
-        self.write(run)
+        self.write(data, info, settings)
         if self.best is not None:
             last = self.history[-1]
             print(

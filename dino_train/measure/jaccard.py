@@ -23,7 +23,14 @@ from torchvision.transforms import functional as TF
 from dino_train.data import IMAGE_EXTENSIONS
 from dino_train.data.datasets import load_rgb
 from dino_train.data.transforms import BICUBIC
-from eval.attention import denormalize, prepare_image, summarize, threshold_masks, upsample, vit_patch_size
+from dino_train.measure.attention import (
+    denormalize,
+    prepare_image,
+    summarize,
+    threshold_masks,
+    upsample,
+    vit_patch_size,
+)
 
 
 def jaccard(a: Tensor, b: Tensor) -> Tensor:

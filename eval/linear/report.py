@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
-from dino_train.runtime.files import atomic_save
-from eval.common import ClassFolders, backbone_record, print_table, write_json, write_scalars
-from eval.linear_model import (
+from dino_train.data.labelled import ClassFolders
+from dino_train.runtime.files import atomic_save, write_json
+from eval.common import backbone_record, print_table, write_scalars
+from eval.linear.model import (
     GridPoint,
     LinearGrid,
     default_variant,
@@ -22,7 +23,7 @@ from eval.linear_model import (
     topk_correct,
     variant_features,
 )
-from eval.linear_train import Tracker
+from eval.linear.train import Tracker
 
 RESULTS_FILE = "linear_results.json"
 EVALUATE_FILE = "linear_evaluate.json"

@@ -29,22 +29,21 @@ from tqdm import tqdm
 from dino_train.data import DataError
 from dino_train.data.embedded_video import write_mask
 from dino_train.models.backbone import NotAViTError, patch_size_of
+from dino_train.runtime.cli import HelpFormatter
 from dino_train.runtime.device import pick_device
-from dino_train.runtime.files import CheckpointError, check_writable_dir
-from eval import video_seg_data as vd
-from eval.attention_video import H264Writer
+from dino_train.runtime.files import CheckpointError, check_writable_dir, write_json
+from eval.attention.video import H264Writer
 from eval.common import (
-    HelpFormatter,
     add_backbone_args,
     backbone_from_args,
     backbone_record,
     input_error,
     print_table,
     settings_record,
-    write_json,
 )
-from eval.video_seg_metrics import VOID_LABEL, score_video, summarize
-from eval.video_seg_propagation import (
+from eval.video_seg import data as vd
+from eval.video_seg.metrics import VOID_LABEL, score_video, summarize
+from eval.video_seg.propagation import (
     LabelPropagator,
     PropagationSettings,
     one_hot,

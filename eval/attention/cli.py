@@ -25,19 +25,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from dino_train.measure.attention import unwrap_vit
+from dino_train.measure.jaccard import EVEN, PRIOR, JaccardResult, folder_jaccard, paired_files
+from dino_train.runtime.cli import HelpFormatter
 from dino_train.runtime.device import DeviceError, pick_device
-from dino_train.runtime.files import CheckpointError, check_writable_dir
-from eval.attention import unwrap_vit
-from eval.attention_jaccard import EVEN, PRIOR, JaccardResult, folder_jaccard, paired_files
-from eval.cli import HelpFormatter
-from eval.common import (
-    add_backbone_args,
-    backbone_from_args,
-    backbone_record,
-    print_table,
-    settings_record,
-    write_json,
-)
+from dino_train.runtime.files import CheckpointError, check_writable_dir, write_json
+from eval.common import add_backbone_args, backbone_from_args, backbone_record, print_table, settings_record
 
 RESULTS_FILE = "attention_jaccard.json"
 
@@ -104,7 +97,7 @@ def per_image_rows(result: JaccardResult, images_dir: Path, masks_dir: Path) -> 
 
 
 def _figure(model, args: argparse.Namespace) -> None:
-    from eval.visualize import write_attention_grid
+    from eval.attention.figures import write_attention_grid
 
     images = [img for img, _ in paired_files(args.images, args.masks)]
     step = max(len(images) // 4, 1)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from dino_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dino_train.runtime.distributed import all_reduce_sum
 from dino_train.runtime.progress import use_progress_bar
-from eval.linear_model import (
+from eval.linear.model import (
     GridPoint,
     LinearGrid,
     backbone_tokens,

@@ -1,0 +1,1 @@
+"""eval_retrieval: image retrieval on revisited Oxford/Paris style ground truth."""

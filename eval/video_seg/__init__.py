@@ -1,0 +1,1 @@
+"""eval_video_segmentation: DAVIS-style mask propagation with patch features."""
