@@ -18,10 +18,22 @@ The one sum across ranks, a prototype's mass over all samples, is a log-sum-exp 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal, cast
 
 import torch
 
 AllReduceSum = Callable[[torch.Tensor], torch.Tensor]
+# How the DINO and iBOT losses make their teacher targets: the release's momentum center subtracted before
+# the softmax, or dinov2's Sinkhorn-Knopp (which needs no running center).
+Centering = Literal["center", "sinkhorn_knopp"]
+
+
+def check_centering(centering: str) -> Centering:
+    """``centering`` if it is one of ``Centering``'s values, else a ValueError (a typo would otherwise
+    silently select the center)."""
+    if centering not in ("center", "sinkhorn_knopp"):
+        raise ValueError(f"centering must be 'center' or 'sinkhorn_knopp', got {centering!r}")
+    return cast(Centering, centering)
 
 
 def batch_center(teacher_out: torch.Tensor, all_reduce_sum: AllReduceSum | None = None) -> torch.Tensor:

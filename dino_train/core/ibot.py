@@ -10,6 +10,9 @@ Normalisation: each image's loss is the mean over its masked patches. Images are
 ``mean_over``: "masked_images" (the default: images with at least one masked patch) or "all_images"
 (every image of the batch, unmasked ones counting 0), which is what the released iBOT and dinov2 code
 divide by, i.e. the default times the fraction of masked images.
+
+``iBOTPatchLoss`` puts these together with the state they need (the patch center), as dinov2's module of
+that name does; the functions stay for the maths and its tests.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from dino_train.core.centering import AllReduceSum, Centering, check_centering, sinkhorn_knopp
 
 MeanOver = Literal["masked_images", "all_images"]
 
@@ -107,3 +113,66 @@ def patch_center_update(
         summed = all_reduce_sum(summed)
     mean = (summed[:-1] / summed[-1]).unsqueeze(0)
     return center * momentum + mean * (1 - momentum)
+
+
+class iBOTPatchLoss(nn.Module):
+    """iBOT's masked-patch loss with its state: the teacher patch head's momentum center.
+
+    Its state dict is ``{"center": (1, K)}``, the checkpoint's ``ibot_loss`` entry. The teacher targets are
+    centred with it, or Sinkhorn-Knopp balanced over every rank's masked tokens (``centering``, as the DINO
+    loss's; the center then stays at zero). ``teacher_temp`` 0 follows the temperature given to
+    ``forward`` (the DINO teacher's schedule). ``reduce`` sums a tensor over processes (None: one process).
+    """
+
+    def __init__(
+        self,
+        out_dim: int,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        teacher_temp: float = 0.0,
+        centering: Centering = "center",
+        sinkhorn_iterations: int = 3,
+        reduce: AllReduceSum | None = None,
+        mean_over: MeanOver = "masked_images",
+    ):
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.teacher_temp = teacher_temp
+        self.centering = check_centering(centering)
+        self.sinkhorn_iterations = sinkhorn_iterations
+        self.reduce = reduce
+        self.mean_over = mean_over
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def teacher_targets(self, teacher_patch_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """(M, K) teacher logits of the masked tokens -> (M, K) float32 distributions, without grad."""
+        temp = self.teacher_temp or teacher_temp
+        if self.centering == "sinkhorn_knopp":
+            return sinkhorn_knopp(teacher_patch_logits, temp, self.sinkhorn_iterations, self.reduce)
+        return teacher_patch_targets(teacher_patch_logits, self.center, temp)
+
+    def forward(
+        self,
+        student_patch_logits: torch.Tensor,
+        teacher_patch_logits: torch.Tensor,
+        masks: torch.Tensor,
+        teacher_temp: float,
+    ) -> torch.Tensor:
+        """The loss over the masked tokens, already gathered in the order of ``tokens[masks]``: student and
+        teacher logits (M, K), masks (B, N) bool with M True values (the student's masked global crops,
+        which the teacher saw unmasked). Scalar; 0 with a graph when nothing is masked."""
+        probs = self.teacher_targets(teacher_patch_logits, teacher_temp)
+        weights = masked_token_weights(masks, self.mean_over).to(teacher_patch_logits.device)
+        return ibot_token_loss(student_patch_logits, probs, weights, self.student_temp)
+
+    @torch.no_grad()
+    def update_center(self, teacher_patch_logits: torch.Tensor) -> None:
+        """EMA of the mean teacher patch logit over every rank's tokens: teacher_patch_logits (..., K), e.g.
+        the masked tokens of all of a step's micro-batches. Called after the loss, so each step uses the
+        center of the previous steps. A no-op (and no collective) with Sinkhorn-Knopp."""
+        if self.centering == "sinkhorn_knopp":
+            return
+        self.center.copy_(
+            patch_center_update(self.center, teacher_patch_logits, self.center_momentum, self.reduce)
+        )

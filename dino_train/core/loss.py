@@ -1,19 +1,26 @@
-"""DINO's cross-entropy over crop pairs, and the module holding the release's center (pure tensor maths).
+"""DINO's cross-entropy over crop pairs, and ``DINOLoss``, which computes its teacher targets and owns the
+release's center (pure tensor maths).
 
-The reduction across processes is injected (``all_reduce_sum``), so the maths runs and is tested
-without a process group.
+The reduction across processes is injected (``reduce``), so the maths runs and is tested without a
+process group.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dino_train.core.centering import batch_center, update_center
+from dino_train.core.centering import (
+    AllReduceSum,
+    Centering,
+    batch_center,
+    check_centering,
+    sinkhorn_knopp,
+    update_center,
+)
 
 
 class DinoLossTerms(NamedTuple):
@@ -59,41 +66,55 @@ def dino_cross_entropy(
     return DinoLossTerms(total, global_global / 2, gl_mean)
 
 
-def dino_loss(
-    student_out: torch.Tensor,
-    teacher_out: torch.Tensor,
-    center: torch.Tensor,
-    n_crops: int,
-    student_temp: float,
-    teacher_temp: float,
-) -> DinoLossTerms:
-    """The release's DINO loss: ``dino_cross_entropy`` against the centred, sharpened teacher.
-    teacher_out: (2 * B, K) teacher logits of the two global crops; center: (1, K)."""
-    return dino_cross_entropy(
-        student_out, centered_teacher(teacher_out, center, teacher_temp), n_crops, student_temp
-    )
-
-
 class DINOLoss(nn.Module):
-    """Holds the center buffer, so that its state dict is the original release's ``dino_loss`` entry."""
+    """DINO's loss on the CLS token with the state it needs: the teacher's momentum center.
 
-    def __init__(self, out_dim: int, n_crops: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+    Its state dict is the original release's ``dino_loss`` entry: ``{"center": (1, K)}`` and nothing else,
+    so checkpoints of either load into the other. With ``centering="sinkhorn_knopp"`` (dinov2) the teacher
+    targets are Sinkhorn-Knopp balanced instead; the center is kept (at zero) so the layout stays the same.
+    ``reduce`` sums a tensor over processes (None: one process): the center's batch mean and Sinkhorn-Knopp
+    cover every rank's rows.
+    """
+
+    def __init__(
+        self,
+        out_dim: int,
+        n_crops: int,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        centering: Centering = "center",
+        sinkhorn_iterations: int = 3,
+        reduce: AllReduceSum | None = None,
+    ):
         super().__init__()
         self.n_crops = n_crops
         self.student_temp = student_temp
         self.center_momentum = center_momentum
+        self.centering = check_centering(centering)
+        self.sinkhorn_iterations = sinkhorn_iterations
+        self.reduce = reduce
         self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def teacher_targets(self, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """(2 * B, K) teacher logits -> (2 * B, K) float32 distributions, without grad."""
+        if self.centering == "sinkhorn_knopp":
+            return sinkhorn_knopp(teacher_out, teacher_temp, self.sinkhorn_iterations, self.reduce)
+        return centered_teacher(teacher_out, self.center, teacher_temp)
 
     def forward(
         self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float
     ) -> DinoLossTerms:
-        return dino_loss(student_out, teacher_out, self.center, self.n_crops, self.student_temp, teacher_temp)
+        """student_out (n_crops * B, K), teacher_out (2 * B, K) logits -> ``dino_cross_entropy``'s terms."""
+        targets = self.teacher_targets(teacher_out, teacher_temp)
+        return dino_cross_entropy(student_out, targets, self.n_crops, self.student_temp)
 
     @torch.no_grad()
-    def update_center(
-        self, teacher_out: torch.Tensor, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
-    ) -> None:
-        """Called after the loss, so each step uses the center of the previous steps."""
+    def update_center(self, teacher_out: torch.Tensor) -> None:
+        """EMA of the mean teacher logit over every rank's rows: teacher_out (R, K), e.g. all of a step's
+        micro-batches. Called after the loss, as the release does, so each step uses the center of the
+        previous steps. Sinkhorn-Knopp keeps no running center: a no-op (and no collective) then."""
+        if self.centering == "sinkhorn_knopp":
+            return
         self.center.copy_(
-            update_center(self.center, batch_center(teacher_out, all_reduce_sum), self.center_momentum)
+            update_center(self.center, batch_center(teacher_out, self.reduce), self.center_momentum)
         )

@@ -1,29 +1,22 @@
 """The training objective: DINO's loss on the CLS token, with the successors' terms as options beside it
-(Sinkhorn-Knopp targets, KoLeo, iBOT's masked-patch loss). Each term is a pure function of
-``dino_train.core``; this module holds their state (the centers) and weights, and reads its settings from
-the config once. A new objective is one term here plus a weight in the config."""
+(Sinkhorn-Knopp targets, KoLeo, iBOT's masked-patch loss). The losses of ``dino_train.core`` own their
+state (``DINOLoss`` the release's center, ``iBOTPatchLoss`` the patch center) and their teacher targets;
+this module composes them with their weights and reads their settings from the config once. A new
+objective is one term here plus a weight in the config."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from dino_train.config import Config
-from dino_train.core.centering import batch_center, sinkhorn_knopp, update_center
-from dino_train.core.ibot import (
-    ibot_token_loss,
-    masked_token_weights,
-    patch_center_update,
-    teacher_patch_targets,
-)
+from dino_train.core.centering import AllReduceSum
+from dino_train.core.ibot import iBOTPatchLoss
 from dino_train.core.koleo import koleo_per_crop
-from dino_train.core.loss import DINOLoss, centered_teacher, dino_cross_entropy
+from dino_train.core.loss import DINOLoss
 from dino_train.models.wrapper import CropOutputs
-
-Reduce = Callable[[torch.Tensor], torch.Tensor] | None
 
 
 @dataclass
@@ -34,51 +27,43 @@ class LossTerms:
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-class PatchCenter(nn.Module):
-    """The iBOT patch head's momentum center, a (1, K) buffer saved as the checkpoint's ``ibot_loss``."""
-
-    def __init__(self, out_dim: int, momentum: float):
-        super().__init__()
-        self.momentum = momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
-
-
 class Objective(nn.Module):
     """``forward(student, teacher, masks, teacher_temp)`` -> LossTerms; ``update(teachers)`` after the
-    optimizer step moves the centers (the release updates its center after the loss)."""
+    optimizer step moves the centers (the release updates its center after the loss).
 
-    def __init__(self, cfg: Config, reduce: Reduce = None):
+    ``dino`` (a DINOLoss) is saved as the checkpoint's ``dino_loss`` entry and ``ibot`` (an iBOTPatchLoss,
+    present when the iBOT term is on) as its ``ibot_loss`` entry, by ``dino_train.train.state``.
+    ``reduce`` sums a tensor over processes (None: one process)."""
+
+    def __init__(self, cfg: Config, reduce: AllReduceSum | None = None):
         super().__init__()
         k, ib = cfg.dino, cfg.ibot
+        targets = {"centering": k.centering, "sinkhorn_iterations": k.sinkhorn_iterations, "reduce": reduce}
         self.dino = DINOLoss(
-            cfg.model.out_dim, 2 + cfg.data.local_crops_number, k.student_temp, k.center_momentum
+            cfg.model.out_dim, 2 + cfg.data.local_crops_number, k.student_temp, k.center_momentum, **targets
         )
-        self.sinkhorn = k.centering == "sinkhorn_knopp"
-        self.sk_iterations, self.koleo_weight, self.reduce = k.sinkhorn_iterations, k.koleo_weight, reduce
-        self.koleo_on = k.koleo_on
-        self.ibot_weight, self.ibot_temp = ib.loss_weight, ib.teacher_temp
+        self.koleo_weight, self.koleo_on = k.koleo_weight, k.koleo_on
+        self.ibot_weight = ib.loss_weight
         if self.ibot_weight:
-            self.patch = PatchCenter(
-                (ib.out_dim if ib.separate_head else 0) or cfg.model.out_dim, ib.center_momentum
+            self.ibot = iBOTPatchLoss(
+                (ib.out_dim if ib.separate_head else 0) or cfg.model.out_dim,
+                k.student_temp,
+                ib.center_momentum,
+                ib.teacher_temp,
+                **targets,
             )
 
     @property
     def uses_patches(self) -> bool:
         return self.ibot_weight > 0
 
-    def targets(self, logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
-        """Teacher distributions from (R, K) logits: Sinkhorn-Knopp over all ranks' rows, or centred."""
-        if self.sinkhorn:
-            return sinkhorn_knopp(logits, temp, self.sk_iterations, self.reduce)
-        return centered_teacher(logits, center, temp)
-
     def forward(
         self, student: CropOutputs, teacher: CropOutputs, masks: torch.Tensor | None, teacher_temp: float
     ) -> LossTerms:
-        terms = dino_cross_entropy(
-            student.logits, self.targets(teacher.logits, self.dino.center, teacher_temp), self.dino.n_crops,
-            self.dino.student_temp,
-        )  # fmt: skip
+        """student: all crops' outputs; teacher: the two global crops'; masks (B_global, N) bool, the
+        student's masked patches (None without iBOT). The patch heads' outputs hold the masked positions
+        only, in the order of ``tokens[masks]``."""
+        terms = self.dino(student.logits, teacher.logits, teacher_temp)
         total = terms.total
         parts = {"loss_dino": terms.total, "loss_global_global": terms.global_global,
                  "loss_global_local": terms.global_local}  # fmt: skip
@@ -90,34 +75,15 @@ class Objective(nn.Module):
             parts["loss_koleo"] = koleo_per_crop(spread[:n_global], 2)
             total = total + self.koleo_weight * parts["loss_koleo"]
         if self.uses_patches and masks is not None:
-            parts["loss_ibot"] = self._ibot(student, teacher, masks, teacher_temp)
+            parts["loss_ibot"] = self.ibot(student.patch_logits, teacher.patch_logits, masks, teacher_temp)
             total = total + self.ibot_weight * parts["loss_ibot"]
         return LossTerms(total, parts)
-
-    def _ibot(
-        self, student: CropOutputs, teacher: CropOutputs, masks: torch.Tensor, temp: float
-    ) -> torch.Tensor:
-        """Each global crop's masked patches against the teacher's patches of the same, unmasked crop;
-        both heads' outputs hold the masked positions only, in the order of ``tokens[masks]``."""
-        temp = self.ibot_temp or temp
-        t = teacher.patch_logits
-        if self.sinkhorn:
-            probs = sinkhorn_knopp(t, temp, self.sk_iterations, self.reduce)
-        else:
-            probs = teacher_patch_targets(t, self.patch.center, temp)
-        weights = masked_token_weights(masks).to(t.device)
-        return ibot_token_loss(student.patch_logits, probs, weights, self.dino.student_temp)
 
     @torch.no_grad()
     def update(self, teachers: list[CropOutputs]) -> None:
         """Move the momentum centers with this step's teacher outputs (all micro-batches, all ranks)."""
-        if self.sinkhorn:
-            return  # Sinkhorn-Knopp needs no running center
-        logits = torch.cat([t.logits for t in teachers])
-        d = self.dino
-        d.center.copy_(update_center(d.center, batch_center(logits, self.reduce), d.center_momentum))
+        if self.dino.centering == "sinkhorn_knopp":
+            return  # Sinkhorn-Knopp keeps no running center (neither loss would use the stacked logits)
+        self.dino.update_center(torch.cat([t.logits for t in teachers]))
         if self.uses_patches:
-            patches = torch.cat([t.patch_logits for t in teachers])
-            self.patch.center.copy_(
-                patch_center_update(self.patch.center, patches, self.patch.momentum, self.reduce)
-            )
+            self.ibot.update_center(torch.cat([t.patch_logits for t in teachers]))

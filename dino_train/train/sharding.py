@@ -133,6 +133,6 @@ def restore_sharded(mods: Any, ckpt: dict[str, Any], path: Path) -> None:
         set_optimizer_state_dict(mods.student_plain, mods.optimizer, state["optimizer"])
         mods.objective.dino.load_state_dict(ckpt["dino_loss"])
         if mods.objective.uses_patches:
-            mods.objective.patch.load_state_dict(ckpt["ibot_loss"])
+            mods.objective.ibot.load_state_dict(ckpt["ibot_loss"])
     except (RuntimeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{folder} does not fit the model of this config: {err}") from err

@@ -79,7 +79,7 @@ def checkpoint_state(state: TrainState, cfg: Config, weights: dict[str, Any] | N
         "format_version": FORMAT_VERSION,
     }
     if mods.objective.uses_patches:
-        ckpt["ibot_loss"] = mods.objective.patch.state_dict()
+        ckpt["ibot_loss"] = mods.objective.ibot.state_dict()
     if mods.scaler is not None:
         ckpt["fp16_scaler"] = mods.scaler.state_dict()
     return ckpt
@@ -94,7 +94,7 @@ def restore(mods: TrainModules, ckpt: dict[str, Any], path: Path) -> None:
         mods.teacher.load_state_dict(ckpt["teacher"])
         mods.objective.dino.load_state_dict(ckpt["dino_loss"])
         if mods.objective.uses_patches:
-            mods.objective.patch.load_state_dict(ckpt["ibot_loss"])
+            mods.objective.ibot.load_state_dict(ckpt["ibot_loss"])
         mods.optimizer.load_state_dict(_upgrade_optimizer(ckpt, mods))
     except (RuntimeError, ValueError, KeyError) as err:
         hint = ""
