@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench.args import RESULTS, write_result
+
 _GPU = torch.cuda.is_available()
 _VITS16_BATCH = "64" if _GPU else "8"
 _VITS8_BATCH = "32" if _GPU else "4"
@@ -118,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         if subprocess.run([sys.executable, "-m", *cmd], check=False).returncode:
             failed.append(name)
         print(f"== {name}: {time.time() - t:.0f} s", flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "summary.json").write_text(json.dumps(summary(), indent=2) + "\n")
+    write_result(RESULTS / "summary.json", summary(), announce=False)
     print(f"\nwrote {RESULTS / 'summary.json'}")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)

@@ -12,7 +12,6 @@ bench/results/attention_video.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -23,13 +22,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench.args import RESULTS, add_device, add_json, add_threads, pick_bench_device, write_result
 from bench.memory import peak_mib, reset_peak
+from dino_train.measure.attention import prepare_image
 from dino_train.models import build_backbone
-from dino_train.runtime.device import pick_device
-from eval.attention import prepare_image
-from eval.attention_video import attention_frames, write_attention_video
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from eval.attention.video import attention_frames, write_attention_video
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,10 +36,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=640)
     p.add_argument("--frames", type=int, default=16, help="frames timed per measure")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 1])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps the default")
+    add_device(p)
+    add_threads(p)
     p.add_argument("--no-end-to-end", action="store_true", help="time the attention only")
-    p.add_argument("--json", type=Path, default=RESULTS / "attention_video.json")
+    add_json(p, RESULTS / "attention_video.json")
     return p.parse_args(argv)
 
 
@@ -92,9 +89,7 @@ def time_end_to_end(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = pick_bench_device(args)
     frames = make_frames(args.frames, args.height, args.width)
     rows = []
     print(f"attention video: {args.frames} frames of {args.height}x{args.width}, device {device.type}, "
@@ -129,9 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "rows": rows,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_result(args.json, result)
     return 0
 
 

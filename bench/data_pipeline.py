@@ -14,7 +14,6 @@ bench/results/data_pipeline.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
+from bench.args import RESULTS, add_json, add_workers, write_result
 from dino_train.data import (
     MultiCropAugmentation,
     TensorMultiCrop,
@@ -38,7 +38,6 @@ from dino_train.data.datasets import load_rgb
 from dino_train.data.loader import collate_augmented_crops, collate_raw_crops
 from dino_train.data.tensor_augment import load_rgb_draft
 
-RESULTS = Path(__file__).resolve().parent / "results"
 # name -> (crops: global size, scale, local number, local size, scale; the images they come from)
 SHAPES = {
     "paper": ((224, (0.4, 1.0), 10, 96, (0.05, 0.4)), "JPEGs of 500x375"),
@@ -192,9 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    add_workers(p)
     p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
-    p.add_argument("--json", type=Path, default=RESULTS / "data_pipeline.json")
+    add_json(p, RESULTS / "data_pipeline.json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # loader work is per process; keep the measurement to one core each
     rows = _with_speedups([r for shape in args.shapes for r in run_shape(shape, args)])
@@ -212,9 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_avg_at_end": os.getloadavg(),
         "date": time.strftime("%Y-%m-%d"),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"wrote {args.json}")
+    write_result(args.json, {"meta": meta, "rows": rows})
     return 0
 
 

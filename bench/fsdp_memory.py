@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from bench.args import add_json, write_result
 from dino_train.config import Config, load_config, position_grid_size
 from dino_train.models import build_student_teacher
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--measure", nargs="*", default=None, help="arch:mode pairs to measure (default: all)")
     p.add_argument("--world", type=int, default=2, help="processes of the measured runs (default 2)")
     p.add_argument("--crop", type=int, default=64, help="global crop size of the measured steps (px)")
-    p.add_argument("--json", type=Path, default=None)
+    add_json(p, None)
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     todo = (
@@ -125,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{arch:22} {row['params_m']:7.1f}M {mode:5} {row['computed_mib']:10.0f} MiB "
                   f"{row['computed_8_mib']:7.0f} MiB {peak:>14}", flush=True)  # fmt: skip
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"world": args.world, "crop": args.crop, "rows": rows}, indent=1))
+        write_result(args.json, {"world": args.world, "crop": args.crop, "rows": rows}, 1, announce=False)
     return 0
 
 

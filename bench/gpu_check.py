@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from bench.args import RESULTS, add_json, write_result
 from bench.data_pipeline import make_jpegs
 from bench.flops import count_flops
 from dino_train.config import load_config
@@ -39,7 +40,6 @@ from dino_train.runtime.precision import DTYPES, matmul_flops
 from dino_train.train.build import build_modules
 from dino_train.train.step import StepOutput, StepSettings, train_step
 
-RESULTS = Path(__file__).resolve().parent / "results"
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets; the first name
 # contained in the device's name wins, so the PCIe and NVL parts come before the plain H100.
 BF16_PEAK_TFLOPS = (
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", default="on", choices=["on", "off"], help="the compiled bf16 row")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="dense bf16 peak; 0: look it up")
     out = Path(os.environ["OUT"]) if os.environ.get("OUT") else RESULTS
-    p.add_argument("--json", type=Path, default=out / "gpu_check.json")
+    add_json(p, out / "gpu_check.json")
     args = p.parse_args(argv)
     args.shape = QUICK if args.quick else PAPER
     args.batch = args.batch or (4 if args.quick else 64)
@@ -163,7 +163,7 @@ def nccl_row(device: torch.device) -> dict:
 
 def knn_row(quick: bool) -> dict:
     """Exact top-20 search of 10k queries in 50k features (dim 384): GPU index against the CPU one."""
-    from eval.knn import faiss_has_gpu, faiss_topk
+    from dino_train.measure.knn import faiss_has_gpu, faiss_topk
 
     n, m = (2000, 200) if quick else (50000, 10000)
     g = torch.Generator().manual_seed(0)
@@ -248,8 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         "bf16_peak_tflops": peak / 1e12, "peak_source": peak_source, "date": time.strftime("%Y-%m-%d %H:%M"),
         "dtypes": list(DTYPES),
     }  # fmt: skip
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_result(args.json, {"meta": meta, "rows": rows}, announce=False)
     print_table(rows, meta)
     print(f"wrote {args.json}")
     return 1 if any("error" in r for r in rows) else 0

@@ -8,20 +8,16 @@ prints a table and writes bench/results/knn.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from bench.args import RESULTS, add_device, add_json, add_threads, pick_bench_device, write_result
 from bench.memory import peak_mib, reset_peak, rss_mib
-from dino_train.runtime.device import pick_device
-from eval.knn import faiss_has_gpu, faiss_topk, knn_vote
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from dino_train.measure.knn import faiss_has_gpu, faiss_topk, knn_vote
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,10 +28,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=200, help="neighbours (the release's largest k)")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--chunk", type=int, default=1000, help="queries per brute-force matrix product")
-    p.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps the default")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_threads(p)
+    add_device(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=RESULTS / "knn.json")
+    add_json(p, RESULTS / "knn.json")
     return p.parse_args(argv)
 
 
@@ -67,9 +63,7 @@ def _timed(fn, device: torch.device) -> tuple[object, float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = pick_bench_device(args)
     g = torch.Generator().manual_seed(args.seed)
     train = F.normalize(torch.randn(args.n_train, args.dim, generator=g), dim=1)
     queries = F.normalize(torch.randn(args.n_query, args.dim, generator=g), dim=1)
@@ -129,9 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"speed ratio (matmul / faiss): {ratio:.2f}x; same predictions: {same}; same neighbour sets: {sets}"
     )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_result(args.json, result)
     return 0 if result["same_predictions"] else 1
 
 

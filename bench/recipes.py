@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench.args import RESULTS, add_json, write_result
 
 
 def _curve(log: Path, key: str) -> list[float | None]:
@@ -38,7 +38,7 @@ def run_one(args: argparse.Namespace, name: str, overrides: list[str]) -> dict:
     import torch
 
     from dino_train.config import knn_sizes, load_config
-    from eval.loading import load_backbone
+    from dino_train.models.loading import load_backbone
     from eval.scorecard import score_backbone
 
     out = Path(args.out) / name
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=Path("data/embedded"), help="train/, val/ (and val_masks/)")
     p.add_argument("--recipe", action="append", default=[], metavar='NAME="k=v k=v"', help="repeatable")
     p.add_argument("--out", type=Path, default=Path("runs/recipes"), help="one training folder per recipe")
-    p.add_argument("--json", type=Path, default=RESULTS / "recipes.json")
+    add_json(p, RESULTS / "recipes.json")
     p.add_argument("--resume", action="store_true", help="keep rows of --json and skip their recipes")
     p.add_argument("--no-random", action="store_true", help="skip the random-init floor")
     args = p.parse_args(argv)
@@ -127,11 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     todo = [(n, o) for n, o in recipes if n not in {r["name"] for r in rows}]
     if not args.no_random and not any(r["name"] == "random init" for r in rows):
         todo.insert(0, ("random init", recipes[0][1]))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
     for name, overrides in todo:
         print(f"== {name}: {' '.join(overrides) or '(base recipe)'}", flush=True)
         rows.append(random_row(args, overrides) if name == "random init" else run_one(args, name, overrides))
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        write_result(args.json, rows, announce=False)
         print_table(rows)
     return 0
 

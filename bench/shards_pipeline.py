@@ -15,11 +15,11 @@ costs (network file systems, object stores, spinning disks), which this benchmar
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
+from bench.args import add_json, add_workers, write_result
 from bench.data_pipeline import make_jpegs
 from dino_train.data import TensorMultiCrop, build_tensor_pretrain_loader
 from dino_train.data.make_shards import pack_folder
@@ -87,9 +87,9 @@ def run(images: int, workers: list[int], batch: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=128)
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    add_workers(p)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--json", type=Path, default=None)
+    add_json(p, None)
     args = p.parse_args(argv)
     rows = run(args.images, args.workers, args.batch)
     print(f"{'format':7} {'what':22} {'workers':>7} {'images/s':>9} {'per core':>9}")
@@ -98,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['format']:7} {r['what']:22} {r['workers']:7d} {r['images_per_s']:9.1f} {r['per_core']:9.1f}"
         )
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"images": args.images, "batch": args.batch, "rows": rows}, indent=1))
+        write_result(args.json, {"images": args.images, "batch": args.batch, "rows": rows}, 1, announce=False)
     return 0
 
 

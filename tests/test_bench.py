@@ -124,3 +124,12 @@ def test_rounds_below_one_or_without_isolation_are_refused():
     cmd = [sys.executable, "-m", "bench.train_step", "--rounds", "2", "--no-isolate", "--json", "/dev/null"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode != 0 and "--rounds needs isolated runs" in done.stderr
+
+
+def test_a_result_json_is_written_whole_with_its_folders(tmp_path, capsys):
+    from bench.args import write_result
+
+    path = write_result(tmp_path / "new" / "rows.json", {"rows": [1.5]}, indent=1)
+    assert json.loads(path.read_text()) == {"rows": [1.5]} and path.read_text().endswith("\n")
+    assert [p.name for p in path.parent.iterdir()] == ["rows.json"]  # no temporary file left beside it
+    assert capsys.readouterr().out == f"wrote {path}\n"
