@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from dino_train.data import DataError
 from dino_train.data.transforms import resize_for
 from dino_train.runtime.device import pick_device
-from dino_train.runtime.distributed import DistEnv, detect_env, init_distributed
+from dino_train.runtime.distributed import DistEnv, barrier, cleanup, detect_env, init_distributed
 from dino_train.runtime.files import CheckpointError
 
 
@@ -130,6 +132,27 @@ def setup_process(device: str) -> tuple[DistEnv, torch.device]:
     dev = pick_device(device, env.local_rank)
     init_distributed(env, dev)
     return env, dev
+
+
+# What every tool treats as bad input (a message for the user, not a traceback): unreadable or unfit
+# checkpoints, data sets, and a helper's ``SystemExit("error: ...")``. A tool adds its own to these.
+INPUT_ERRORS: tuple[type[BaseException], ...] = (CheckpointError, DataError, SystemExit)
+
+
+def run_tool(work: Callable[[], object], errors: tuple[type[BaseException], ...] = ()) -> int:
+    """The one skeleton of every evaluation tool's ``main`` around its ``work``: wait for the other ranks
+    when it is done, leave the process group whatever happens (``work`` joins it, with
+    :func:`setup_process`, when the tool runs under torchrun), and turn an input error
+    (``INPUT_ERRORS`` + ``errors``) into one ``error: ...`` line on stderr and exit status 2
+    (:class:`EvalExit`). Returns 0."""
+    try:
+        work()
+        barrier()
+    except (*INPUT_ERRORS, *errors) as err:
+        raise input_error(err) from None
+    finally:
+        cleanup()
+    return 0
 
 
 def split_roots(data: str | Path) -> tuple[Path, Path]:

@@ -17,8 +17,6 @@ Every file is written atomically; ``export.json`` records what was exported from
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,8 +25,8 @@ import torch
 from torch import nn
 
 from dino_train.runtime.cli import HelpFormatter
-from dino_train.runtime.files import CheckpointError, atomic_write_text, check_writable_dir
-from eval.common import add_backbone_args, backbone_from_args
+from dino_train.runtime.files import CheckpointError, check_writable_dir, write_json
+from eval.common import add_backbone_args, backbone_from_args, run_tool
 
 FORMATS = ("hf", "onnx", "timm", "safetensors")
 
@@ -91,7 +89,7 @@ def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def export_hf(model: nn.Module, out: Path) -> list[Path]:
     config = hf_config(model)
-    atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+    write_json(out / "config.json", config)
     return [out / "config.json", _save_safetensors(hf_state_dict(model), out / "model.safetensors")]
 
 
@@ -110,7 +108,7 @@ def export_timm(model: nn.Module, info: dict[str, Any], out: Path, with_config: 
     files = [_save_safetensors(model.state_dict(), out / "model.safetensors")]
     if with_config:
         cfg = {"timm_name": info["timm_name"], "kwargs": info["timm_kwargs"], "num_classes": 0}
-        atomic_write_text(out / "timm_config.json", json.dumps(cfg, indent=2) + "\n")
+        write_json(out / "timm_config.json", cfg)
         files.append(out / "timm_config.json")
     return files
 
@@ -147,24 +145,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=224, help="onnx: the traced input size (default 224)")
     p.add_argument("--no-progress", action="store_true", help="accepted by every tool; this one draws no bar")
     args = p.parse_args(argv)
-    try:
-        check_writable_dir(args.output, "--output")  # before the checkpoint is read
-        model, info = backbone_from_args(args)
-        files = export(model, info, args.format, args.output, args.image_size)
-    except (CheckpointError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_tool(lambda: _run(args), (ValueError,))
+
+
+def _run(args: argparse.Namespace) -> None:
+    check_writable_dir(args.output, "--output")  # before the checkpoint is read
+    model, info = backbone_from_args(args)
+    files = export(model, info, args.format, args.output, args.image_size)
     record = {"format": args.format, "source": info["path"], "checkpoint_key": info.get("checkpoint_key")}
     record |= {"arch": info["arch"], "timm_name": info["timm_name"], "files": [f.name for f in files]}
     if args.format == "onnx":
         record["onnxruntime_max_abs_diff"] = check_onnx(model, files[0], args.image_size)
-    atomic_write_text(args.output / "export.json", json.dumps(record, indent=2) + "\n")
+    write_json(args.output / "export.json", record)
     print(
         f"exported {info['arch']} from {info['path']} as {args.format}: " + ", ".join(str(f) for f in files)
     )
     if record.get("onnxruntime_max_abs_diff") is not None:
         print(f"onnxruntime vs torch: max abs difference {record['onnxruntime_max_abs_diff']:.2e}")
-    return 0
 
 
 if __name__ == "__main__":

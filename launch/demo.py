@@ -24,7 +24,7 @@ from dino_train.data import DataError, generate_embedded_dataset
 from dino_train.measure.jaccard import describe_references
 from dino_train.models import build_from_spec, model_spec
 from dino_train.runtime.cli import HelpFormatter
-from dino_train.runtime.files import CheckpointError
+from dino_train.runtime.files import CheckpointError, write_json
 from dino_train.train import TrainResult, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             report["attention references"] = attention_references(result.teacher.backbone, root)
         report["warnings"] = result.warnings
         print_report(report, TARGETS["long" if args.long else "short"])
-        (out / "demo_results.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_json(out / "demo_results.json", report)
     grid = attention_grid(result, root, out)
     print(f"\nthe teacher's attention on held-out images (60% masks; yellow outlines): {grid}")
     return 0

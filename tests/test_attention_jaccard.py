@@ -26,6 +26,7 @@ from dino_train.measure.jaccard import (
 )
 from dino_train.models.loading import load_backbone
 from eval.attention import cli as attention_eval
+from eval.common import EvalExit
 
 
 def test_jaccard_by_hand():
@@ -182,7 +183,9 @@ def test_eval_attention_end_to_end(tiny_data, backbone_file, tmp_path, capsys):
     assert set(res["references"]) == {PRIOR, EVEN} == {"masks_mean", "even_on_object"}
     # A masks folder that matches no image is an input error (exit 2) naming both folders.
     (tmp_path / "none").mkdir()
-    assert attention_eval.main([*args[:4], "--masks", str(tmp_path / "none")]) == 2
+    with pytest.raises(EvalExit) as stop:
+        attention_eval.main([*args[:4], "--masks", str(tmp_path / "none")])
+    assert stop.value.code == 2
     assert "has a mask at the same relative path" in capsys.readouterr().err
 
 

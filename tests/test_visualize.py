@@ -16,6 +16,7 @@ from dino_train.models import build_backbone
 from dino_train.models.loading import load_backbone
 from eval.attention.figures import write_attention_grid
 from eval.attention.visualize import main
+from eval.common import EvalExit
 
 pytestmark = pytest.mark.slow
 
@@ -143,7 +144,9 @@ def test_folder_of_frames(checkpoints, tmp_path):
 
 
 def _error(capsys, args: list[str]) -> str:
-    assert main(args) == 2
+    with pytest.raises(EvalExit) as stop:
+        main(args)
+    assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.startswith("error: ") and err.count("\n") == 1
     return err

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dino_train.runtime.files import write_json
+
 FORMAT_VERSION = 3  # 3: val_masks/ holds the object masks of the shape classes' val images
 EMBEDDED_CLASSES: tuple[str, ...] = (
     "circle", "square", "triangle", "star", "cross", "ring", "hexagon", "stripes", "checkerboard", "dots",
@@ -224,7 +226,7 @@ def generate_embedded_dataset(
                             tmp / MASKS / name / f"{i:05d}.png"
                         )
         # The manifest goes in last: its presence is what marks the data set complete.
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        write_json(tmp / "manifest.json", manifest)
         _swap_into_place(tmp, root, manifest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

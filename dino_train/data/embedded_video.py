@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dino_train.runtime.files import write_json
+
 VIDEO_SHAPES = ("circle", "square", "triangle", "star")
 RESOLUTION = "480p"  # the DAVIS folder name, whatever the frame size
 _GENERATOR = "dino_train.data.embedded_video"
@@ -144,7 +146,7 @@ def _write(tmp: Path, manifest: dict) -> None:
             write_mask(tmp / "Annotations" / RESOLUTION / name / f"{t:05d}.png", label)
     (tmp / "ImageSets" / "2017").mkdir(parents=True)
     (tmp / "ImageSets" / "2017" / "val.txt").write_text("".join(f"{n}\n" for n in names))
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")  # last: marks it complete
+    write_json(tmp / "manifest.json", manifest)  # last: marks it complete
 
 
 def generate_embedded_videos(

@@ -11,7 +11,6 @@ sample count and the class names: the reader takes the counts from it instead of
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 from collections import Counter
@@ -24,7 +23,7 @@ import webdataset as wds
 
 from dino_train.data.datasets import UNREADABLE, DataError, ImageDataset, load_rgb
 from dino_train.data.shard_index import INDEX_NAME
-from dino_train.runtime.files import atomic_write_text
+from dino_train.runtime.files import atomic_write_text, write_json
 
 SHARD_PATTERN = "shard-%06d.tar"
 
@@ -97,7 +96,7 @@ def pack_folder(
     }
     if skipped:
         atomic_write_text(dst / "skipped.txt", "\n".join(skipped) + "\n")
-    atomic_write_text(dst / INDEX_NAME, json.dumps(index, indent=1) + "\n")
+    write_json(dst / INDEX_NAME, index, indent=1)
     return PackResult(shards, skipped)
 
 

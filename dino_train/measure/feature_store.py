@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from dino_train.measure.features import extract_features
 from dino_train.runtime import distributed as D
-from dino_train.runtime.files import CheckpointError, atomic_write_text
+from dino_train.runtime.files import CheckpointError, atomic_write_text, write_json
 
 STORE_FILE = "store.json"
 TOKENS_FILE = "patch_tokens.npy"
@@ -120,7 +120,7 @@ class PatchWriter:
             meta = {"format": FORMAT, "version": 1, "num_images": self.n, "dim": self.dim,
                     "grid": list(self.grid), "patch_size": self.patch_size, "patch_tokens_dtype": "float16",
                     "classes": list(classes), "has_paths": paths is not None}  # fmt: skip
-            atomic_write_text(self.folder / STORE_FILE, json.dumps(meta, indent=1) + "\n")
+            write_json(self.folder / STORE_FILE, meta, indent=1)
         D.barrier()
         return self.folder
 

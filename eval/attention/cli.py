@@ -21,7 +21,6 @@ object scores under the threshold rule).
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,8 +28,15 @@ from dino_train.measure.attention import unwrap_vit
 from dino_train.measure.jaccard import EVEN, PRIOR, JaccardResult, folder_jaccard, paired_files
 from dino_train.runtime.cli import HelpFormatter
 from dino_train.runtime.device import DeviceError, pick_device
-from dino_train.runtime.files import CheckpointError, check_writable_dir, write_json
-from eval.common import add_backbone_args, backbone_from_args, backbone_record, print_table, settings_record
+from dino_train.runtime.files import check_writable_dir, write_json
+from eval.common import (
+    add_backbone_args,
+    backbone_from_args,
+    backbone_record,
+    print_table,
+    run_tool,
+    settings_record,
+)
 
 RESULTS_FILE = "attention_jaccard.json"
 
@@ -50,19 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        for name, folder in (("--images", args.images), ("--masks", args.masks)):
-            if not folder.is_dir():
-                raise ValueError(f"{name} {folder} is not a folder")
-        if args.output_dir:  # before any work: an unusable folder fails now, not after the evaluation
-            check_writable_dir(args.output_dir, "--output-dir")
-        model, info = backbone_from_args(args)
-        device = pick_device(args.device)
-        model = unwrap_vit(model).to(device)
-        result = folder_jaccard(model, args.images, args.masks, args.image_size or None, args.threshold)
-    except (CheckpointError, DeviceError, ValueError, TypeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_tool(lambda: _run(args), (DeviceError, ValueError, TypeError))
+
+
+def _run(args: argparse.Namespace) -> None:
+    for name, folder in (("--images", args.images), ("--masks", args.masks)):
+        if not folder.is_dir():
+            raise ValueError(f"{name} {folder} is not a folder")
+    if args.output_dir:  # before any work: an unusable folder fails now, not after the evaluation
+        check_writable_dir(args.output_dir, "--output-dir")
+    model, info = backbone_from_args(args)
+    device = pick_device(args.device)
+    model = unwrap_vit(model).to(device)
+    result = folder_jaccard(model, args.images, args.masks, args.image_size or None, args.threshold)
     print(f"attention Jaccard on {result.images} images (threshold {args.threshold:g}), {info['arch']}")
     rows = [["mean of heads", result.mean]] + [[f"head {i}", j] for i, j in enumerate(result.per_head)]
     labels = {PRIOR: "no model: the other masks' mean", EVEN: "no model: even on the object"}
@@ -79,7 +85,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         })  # fmt: skip
         _figure(model, args)
         print(f"results in {args.output_dir / RESULTS_FILE}")
-    return 0
 
 
 def per_image_rows(result: JaccardResult, images_dir: Path, masks_dir: Path) -> list[dict]:

@@ -10,18 +10,17 @@ yuv420p, the source frame rate) showing the head-mean attention of every frame.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from dino_train.data import IMAGE_EXTENSIONS
 from dino_train.measure.attention import prepare_image, unwrap_vit, vit_patch_size
 from dino_train.runtime.cli import HelpFormatter
 from dino_train.runtime.device import DeviceError, pick_device
-from dino_train.runtime.files import CheckpointError, check_writable_dir
+from dino_train.runtime.files import check_writable_dir
 from dino_train.runtime.progress import use_progress_bar
 from eval.attention.figures import open_image, write_image_outputs
 from eval.attention.video import VIDEO_EXTENSIONS, VisualizeError, video_frames, write_attention_video
-from eval.common import add_backbone_args, backbone_from_args
+from eval.common import add_backbone_args, backbone_from_args, run_tool
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -100,12 +99,7 @@ def run(args: argparse.Namespace) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except (VisualizeError, CheckpointError, DeviceError, ValueError, IndexError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_tool(lambda: run(args), (VisualizeError, DeviceError, ValueError, IndexError))
 
 
 if __name__ == "__main__":

@@ -22,14 +22,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from dino_train.data import DataError
 from dino_train.runtime.cli import HelpFormatter, default_workers
-from dino_train.runtime.distributed import barrier, cleanup
-from dino_train.runtime.files import CheckpointError, check_writable_dir
+from dino_train.runtime.files import check_writable_dir
 from eval.common import (
     add_backbone_args,
     add_size_args,
-    input_error,
+    run_tool,
     setup_process,
 )
 from eval.finetune.report import summary_line
@@ -75,21 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_tool(lambda: _run(args), (FloatingPointError,))
+
+
+def _run(args: argparse.Namespace) -> None:
     env, device = setup_process(args.device)
-    try:
-        check_writable_dir(args.output_dir, "--output-dir")  # before any work, not at the first epoch's end
-        run = FineTune(args, env.rank, env.world_size, device)
-        if env.is_main:
-            info = run.info
-            print(f"backbone: {info['arch']} from {info['path']} ({info['source']})", flush=True)
-            print(summary_line(run.settings), flush=True)
-        fit(run)
-        barrier()
-    except (CheckpointError, DataError, SystemExit, FloatingPointError) as err:
-        raise input_error(err) from None  # "error: ..." on stderr, exit status 2 (a diverged loss too)
-    finally:
-        cleanup()
-    return 0
+    check_writable_dir(args.output_dir, "--output-dir")  # before any work, not at the first epoch's end
+    run = FineTune(args, env.rank, env.world_size, device)
+    if env.is_main:
+        info = run.info
+        print(f"backbone: {info['arch']} from {info['path']} ({info['source']})", flush=True)
+        print(summary_line(run.settings), flush=True)
+    fit(run)
 
 
 if __name__ == "__main__":

@@ -20,21 +20,20 @@ from typing import Any
 
 import torch
 
-from dino_train.data import DataError, eval_transform
+from dino_train.data import eval_transform
 from dino_train.data.labelled import class_folders
 from dino_train.measure.knn import KNN_KS, KNN_TEMPERATURE
 from dino_train.measure.knn_bank import classify_bank, extract_bank
 from dino_train.runtime.cli import HelpFormatter, default_workers
-from dino_train.runtime.distributed import barrier, cleanup
-from dino_train.runtime.files import CheckpointError, atomic_save, check_writable_dir, write_json
+from dino_train.runtime.files import atomic_save, check_writable_dir, write_json
 from eval.common import (
     add_backbone_args,
     add_size_args,
     backbone_from_args,
     backbone_record,
     eval_sizes,
-    input_error,
     print_table,
+    run_tool,
     settings_record,
     setup_process,
     split_roots,
@@ -73,46 +72,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_tool(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> None:
     env, device = setup_process(args.device)
-    try:
-        for flag, folder in (("--output-dir", args.output_dir), ("--dump-features", args.dump_features)):
-            if folder:  # before any work: an unusable folder fails now, not after the extraction
-                check_writable_dir(folder, flag)
-        start = time.perf_counter()
-        if args.load_features:
-            bank = _load_bank(Path(args.load_features) / FEATURES_FILE)
-        else:
-            if not args.data:
-                raise SystemExit("error: give --data (or --load-features DIR)")
-            if args.patch_tokens and not args.dump_features:
-                raise SystemExit("error: --patch-tokens writes into the --dump-features DIR: give one")
-            backbone, info = backbone_from_args(args)
-            if args.patch_tokens and not hasattr(backbone, "num_prefix_tokens"):
-                raise SystemExit(f"error: --patch-tokens needs a ViT; {info['arch']} has no patch tokens")
-            if env.is_main:
-                print(f"backbone: {info['arch']} from {info['path']} ({info['source']})", flush=True)
-            resize, crop = eval_sizes(args)
-            tf = eval_transform(resize=resize, crop=crop)
-            data = class_folders(*split_roots(args.data), tf, tf)
-            patches = Path(args.dump_features) / PATCH_DIR if args.patch_tokens else None
-            bank = extract_bank(
-                backbone, data, args.batch_size, args.num_workers, device, not args.no_progress, patches
-            )
-            bank["backbone"] = backbone_record(info)
-            bank["extraction"] = settings_record(args, device, env.world_size)
-        seconds = time.perf_counter() - start
-        if args.dump_features and env.is_main:
-            Path(args.dump_features).mkdir(parents=True, exist_ok=True)
-            atomic_save(bank, Path(args.dump_features) / FEATURES_FILE)
+    for flag, folder in (("--output-dir", args.output_dir), ("--dump-features", args.dump_features)):
+        if folder:  # before any work: an unusable folder fails now, not after the extraction
+            check_writable_dir(folder, flag)
+    start = time.perf_counter()
+    if args.load_features:
+        bank = _load_bank(Path(args.load_features) / FEATURES_FILE)
+    else:
+        if not args.data:
+            raise SystemExit("error: give --data (or --load-features DIR)")
+        if args.patch_tokens and not args.dump_features:
+            raise SystemExit("error: --patch-tokens writes into the --dump-features DIR: give one")
+        backbone, info = backbone_from_args(args)
+        if args.patch_tokens and not hasattr(backbone, "num_prefix_tokens"):
+            raise SystemExit(f"error: --patch-tokens needs a ViT; {info['arch']} has no patch tokens")
         if env.is_main:
-            results = classify_bank(bank, args.ks, args.temperature)
-            _report(args, bank, results, seconds, settings_record(args, device, env.world_size))
-        barrier()
-    except (CheckpointError, DataError, SystemExit) as err:
-        raise input_error(err) from None  # "error: ..." on stderr, exit status 2
-    finally:
-        cleanup()
-    return 0
+            print(f"backbone: {info['arch']} from {info['path']} ({info['source']})", flush=True)
+        resize, crop = eval_sizes(args)
+        tf = eval_transform(resize=resize, crop=crop)
+        data = class_folders(*split_roots(args.data), tf, tf)
+        patches = Path(args.dump_features) / PATCH_DIR if args.patch_tokens else None
+        bank = extract_bank(
+            backbone, data, args.batch_size, args.num_workers, device, not args.no_progress, patches
+        )
+        bank["backbone"] = backbone_record(info)
+        bank["extraction"] = settings_record(args, device, env.world_size)
+    seconds = time.perf_counter() - start
+    if args.dump_features and env.is_main:
+        Path(args.dump_features).mkdir(parents=True, exist_ok=True)
+        atomic_save(bank, Path(args.dump_features) / FEATURES_FILE)
+    if env.is_main:
+        results = classify_bank(bank, args.ks, args.temperature)
+        _report(args, bank, results, seconds, settings_record(args, device, env.world_size))
 
 
 def _load_bank(path: Path) -> dict[str, Any]:

@@ -27,18 +27,17 @@ from typing import Any
 
 import torch
 
-from dino_train.data import DataError, eval_transform
+from dino_train.data import eval_transform
 from dino_train.data.labelled import ClassFolders, class_folders
 from dino_train.measure.features import extract_features
 from dino_train.runtime.cli import HelpFormatter, default_workers
-from dino_train.runtime.distributed import barrier, cleanup
-from dino_train.runtime.files import CheckpointError, atomic_save, check_writable_dir
+from dino_train.runtime.files import atomic_save, check_writable_dir
 from eval.common import (
     add_backbone_args,
     add_size_args,
     backbone_from_args,
     eval_sizes,
-    input_error,
+    run_tool,
     settings_record,
     setup_process,
     split_roots,
@@ -142,33 +141,30 @@ def token_bank(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_tool(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> None:
     env, device = setup_process(args.device)
-    try:
-        check_writable_dir(args.output_dir, "--output-dir")  # before any work, not at the first epoch's end
-        backbone, info = backbone_from_args(args)
-        backbone.to(device)
-        if env.is_main:
-            print(f"backbone: {info['arch']} from {info['path']} ({info['source']})", flush=True)
-        resize, crop = eval_sizes(args)
-        val_tf = eval_transform(resize=resize, crop=crop)
-        train_tf = val_tf if args.cached_features else train_transform(crop)
-        data = class_folders(*split_roots(args.data), train_tf, val_tf)
-        # The centre-crop train split, for the cached features and the statistics of --standardize; with
-        # augmentation and --standardize it is a second view of the folder, opened only then.
-        centre = data.train if args.cached_features else None
-        if centre is None and args.standardize and not args.evaluate:
-            centre = class_folders(*split_roots(args.data), val_tf, val_tf).train
-        if args.evaluate:
-            bank = partial(token_bank, backbone, args=args, device=device)  # (dataset, n) -> tokens, labels
-            evaluate_only(args, info, data, bank, env.is_main, settings_record(args, device, env.world_size))
-        else:
-            _train(args, backbone, info, data, centre, device, env.rank, env.world_size)
-        barrier()
-    except (CheckpointError, DataError, SystemExit) as err:
-        raise input_error(err) from None  # "error: ..." on stderr, exit status 2
-    finally:
-        cleanup()
-    return 0
+    check_writable_dir(args.output_dir, "--output-dir")  # before any work, not at the first epoch's end
+    backbone, info = backbone_from_args(args)
+    backbone.to(device)
+    if env.is_main:
+        print(f"backbone: {info['arch']} from {info['path']} ({info['source']})", flush=True)
+    resize, crop = eval_sizes(args)
+    val_tf = eval_transform(resize=resize, crop=crop)
+    train_tf = val_tf if args.cached_features else train_transform(crop)
+    data = class_folders(*split_roots(args.data), train_tf, val_tf)
+    # The centre-crop train split, for the cached features and the statistics of --standardize; with
+    # augmentation and --standardize it is a second view of the folder, opened only then.
+    centre = data.train if args.cached_features else None
+    if centre is None and args.standardize and not args.evaluate:
+        centre = class_folders(*split_roots(args.data), val_tf, val_tf).train
+    if args.evaluate:
+        bank = partial(token_bank, backbone, args=args, device=device)  # (dataset, n) -> tokens, labels
+        evaluate_only(args, info, data, bank, env.is_main, settings_record(args, device, env.world_size))
+    else:
+        _train(args, backbone, info, data, centre, device, env.rank, env.world_size)
 
 
 def _train(

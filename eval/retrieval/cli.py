@@ -36,14 +36,13 @@ from dino_train.measure.features import FeatureFn, extract_features
 from dino_train.measure.knn import faiss_topk
 from dino_train.models.backbone import NotAViTError
 from dino_train.runtime.cli import HelpFormatter, default_workers
-from dino_train.runtime.distributed import barrier, cleanup
-from dino_train.runtime.files import CheckpointError, check_writable_dir, write_json
+from dino_train.runtime.files import check_writable_dir, write_json
 from eval.common import (
     add_backbone_args,
     backbone_from_args,
     backbone_record,
-    input_error,
     print_table,
+    run_tool,
     settings_record,
     setup_process,
 )
@@ -243,34 +242,31 @@ def report(args: argparse.Namespace, sets: Sets, metrics: dict[str, Any], extra:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_tool(lambda: _run(args), (ValueError, NotAViTError))
+
+
+def _run(args: argparse.Namespace) -> None:
     env, device = setup_process(args.device)
-    try:
-        resolve(args)
-        if args.output_dir:
-            check_writable_dir(args.output_dir, "--output-dir")
-        sets = load_sets(args)
-        model, info = backbone_from_args(args)
-        if env.is_main:
-            print(f"backbone: {info['arch']} from {info['path']} ({info['source']})", flush=True)
-        start = time.perf_counter()
-        feats = describe(model, sets, args, device)
-        seconds = time.perf_counter() - start
-        if env.is_main:
-            metrics = score(rank(feats["queries"], feats["gallery"], args.topk), sets, args)
-            extra = {
-                "descriptor_dim": int(feats["queries"].shape[1]),
-                "whitening": feats["whitening"],
-                "features_seconds": seconds,
-                "backbone": backbone_record(info),
-                "settings": settings_record(args, device, env.world_size),
-            }
-            report(args, sets, metrics, extra)
-        barrier()
-    except (CheckpointError, ValueError, NotAViTError, SystemExit) as err:  # ValueError: DataError, gnd
-        raise input_error(err) from None  # "error: ..." on stderr, exit status 2
-    finally:
-        cleanup()
-    return 0
+    resolve(args)
+    if args.output_dir:
+        check_writable_dir(args.output_dir, "--output-dir")
+    sets = load_sets(args)
+    model, info = backbone_from_args(args)
+    if env.is_main:
+        print(f"backbone: {info['arch']} from {info['path']} ({info['source']})", flush=True)
+    start = time.perf_counter()
+    feats = describe(model, sets, args, device)
+    seconds = time.perf_counter() - start
+    if env.is_main:
+        metrics = score(rank(feats["queries"], feats["gallery"], args.topk), sets, args)
+        extra = {
+            "descriptor_dim": int(feats["queries"].shape[1]),
+            "whitening": feats["whitening"],
+            "features_seconds": seconds,
+            "backbone": backbone_record(info),
+            "settings": settings_record(args, device, env.world_size),
+        }
+        report(args, sets, metrics, extra)
 
 
 if __name__ == "__main__":

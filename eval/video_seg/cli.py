@@ -31,14 +31,14 @@ from dino_train.data.embedded_video import write_mask
 from dino_train.models.backbone import NotAViTError, patch_size_of
 from dino_train.runtime.cli import HelpFormatter
 from dino_train.runtime.device import pick_device
-from dino_train.runtime.files import CheckpointError, check_writable_dir, write_json
+from dino_train.runtime.files import check_writable_dir, write_json
 from eval.attention.video import H264Writer
 from eval.common import (
     add_backbone_args,
     backbone_from_args,
     backbone_record,
-    input_error,
     print_table,
+    run_tool,
     settings_record,
 )
 from eval.video_seg import data as vd
@@ -161,31 +161,31 @@ def _report(args: argparse.Namespace, per_video: dict[str, Any], extra: dict[str
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if not args.videos or not args.output_dir:
-            raise SystemExit("error: give --videos DIR and --output-dir DIR")
-        settings = _settings(args)
-        check_writable_dir(args.output_dir, "--output-dir")
-        videos = vd.find_videos(args.videos, args.resolution, args.video_names, args.split)
-        model, info = backbone_from_args(args)
-        device = pick_device(args.device, 0)
-        model = model.to(device)
-        print(
-            f"backbone: {info['arch']} from {info['path']} ({info['source']}); {len(videos)} videos",
-            flush=True,
-        )
-        start, per_video = time.perf_counter(), {}
-        for i, video in enumerate(videos):
-            print(f"[{i + 1}/{len(videos)}] {video.name}: {len(video.frames)} frames", flush=True)
-            result = segment_video(model, video, settings, args, device)
-            per_video[video.name] = {"frames": len(video.frames), "objects": score(video, result),
-                                     "size": result["size"], "input_size": result["input_size"]}  # fmt: skip
-        extra = {"seconds": time.perf_counter() - start, "backbone": backbone_record(info),
-                 "settings": settings_record(args, device, 1)}  # fmt: skip
-        _report(args, per_video, extra)
-    except (CheckpointError, ValueError, NotAViTError, SystemExit) as err:  # ValueError: DataError, sizes
-        raise input_error(err) from None  # "error: ..." on stderr, exit status 2
-    return 0
+    return run_tool(lambda: _run(args), (ValueError, NotAViTError))
+
+
+def _run(args: argparse.Namespace) -> None:
+    if not args.videos or not args.output_dir:
+        raise SystemExit("error: give --videos DIR and --output-dir DIR")
+    settings = _settings(args)
+    check_writable_dir(args.output_dir, "--output-dir")
+    videos = vd.find_videos(args.videos, args.resolution, args.video_names, args.split)
+    model, info = backbone_from_args(args)
+    device = pick_device(args.device, 0)
+    model = model.to(device)
+    print(
+        f"backbone: {info['arch']} from {info['path']} ({info['source']}); {len(videos)} videos",
+        flush=True,
+    )
+    start, per_video = time.perf_counter(), {}
+    for i, video in enumerate(videos):
+        print(f"[{i + 1}/{len(videos)}] {video.name}: {len(video.frames)} frames", flush=True)
+        result = segment_video(model, video, settings, args, device)
+        per_video[video.name] = {"frames": len(video.frames), "objects": score(video, result),
+                                 "size": result["size"], "input_size": result["input_size"]}  # fmt: skip
+    extra = {"seconds": time.perf_counter() - start, "backbone": backbone_record(info),
+             "settings": settings_record(args, device, 1)}  # fmt: skip
+    _report(args, per_video, extra)
 
 
 if __name__ == "__main__":
