@@ -1,6 +1,6 @@
 """Frozen-backbone features of a folder, a list of images or a tensor batch, for a notebook.
 
-The loop is ``eval.features.extract_features`` (the one ``eval_knn`` and training's k-NN monitor
+The loop is ``dino_train.measure.features.extract_features`` (the one ``eval_knn`` and training's k-NN monitor
 use); this module only turns what a notebook holds into a data set, and splits off patch tokens.
 """
 
@@ -121,7 +121,7 @@ def extract_features(
     ``num_workers``: image-decoding processes (0: decode in this one).
     ``out``: with ``patch_tokens``, a folder the patch tokens are streamed to as they are computed (float16,
     never all in memory: for large folders); ``patch_tokens`` is then memory-mapped from it, and
-    ``eval.feature_store.open_store(out)`` reopens it later.
+    ``dino_train.measure.feature_store.open_store(out)`` reopens it later.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")

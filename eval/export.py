@@ -127,7 +127,7 @@ def check_onnx(model: nn.Module, path: Path, image_size: int) -> float | None:
 
 
 def export(model: nn.Module, info: dict[str, Any], fmt: str, out: Path, image_size: int) -> list[Path]:
-    """Write ``model`` (a backbone from ``eval.loading.load_backbone``) to ``out`` in ``fmt``."""
+    """Write ``model`` (a backbone from ``dino_train.models.loading.load_backbone``) to ``out`` in ``fmt``."""
     check_writable_dir(out, "--output")
     model = model.cpu().float().eval()
     if fmt == "hf":

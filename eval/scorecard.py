@@ -50,7 +50,7 @@ def evaluate_linear(
 ) -> float:
     """Val top-1 % of one linear probe on cached centre-crop features (``--cached-features``), last epoch,
     on features standardised by the train split's statistics (``standardized``: ``eval_linear
-    --standardize``, see :func:`eval.linear_model.feature_stats`).
+    --standardize``, see :func:`eval.linear.model.feature_stats`).
 
     n_last_blocks/avgpool default to the release's variant for the backbone's width. ``lr`` is for a
     batch of 256; the release's 0.001 is tuned for ImageNet's thousands of steps per epoch, a few thousand

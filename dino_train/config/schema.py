@@ -77,7 +77,7 @@ class DataConfig:
     # Solarisation's probability on global crop 1, global crop 2 and each local crop (the release's 0, 0.2,
     # 0), and its threshold in 8-bit levels (values at or above it are inverted, PIL's solarize): 0
     # inverts every pixel, a polarity inversion, for data whose classes do not depend on which region is
-    # the brighter (the README's long-demo variants); 256 inverts none.
+    # the brighter (docs/experiments.md, the long demo's variants); 256 inverts none.
     solarize_p: tuple[float, float, float] = setting((0.0, 0.2, 0.0), each(in_range(0, 1)))
     solarize_threshold: int = setting(128, in_range(0, 256))
     # Where multi-crop augmentation runs: "auto" is the batched uint8 tensor path, its photometric ops on

@@ -65,8 +65,9 @@ def _prepare(folder: Path) -> None:
 
 
 class PatchWriter:
-    """A ``FeatureFn`` for :func:`eval.features.extract_features` that writes each batch's patch tokens
-    into ``folder/patch_tokens.npy`` (float16) as it comes, and hands back ``model(images)`` (B, D)."""
+    """A ``FeatureFn`` for :func:`dino_train.measure.features.extract_features` that writes each batch's
+    patch tokens into ``folder/patch_tokens.npy`` (float16) as it comes, and hands back ``model(images)``
+    (B, D)."""
 
     def __init__(self, folder: str | Path, model: nn.Module, dataset: Dataset):
         if not (hasattr(model, "forward_features") and hasattr(model, "num_prefix_tokens")):
@@ -135,8 +136,9 @@ def stream_features(
     progress: bool = True,
     paths: list[Path] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`eval.features.extract_features` with the patch tokens streamed to the store ``folder``
-    (never all in memory). Returns what it returns: features (N, D) float32 and labels (N,) int64."""
+    """:func:`dino_train.measure.features.extract_features` with the patch tokens streamed to the store
+    ``folder`` (never all in memory). Returns what it returns: features (N, D) float32 and labels (N,)
+    int64."""
     writer = PatchWriter(folder, model, dataset)
     feats, labels = extract_features(model, dataset, batch_size, num_workers, device, progress, writer)
     writer.finish(feats, labels, list(getattr(dataset, "classes", [])), paths)

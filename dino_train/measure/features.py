@@ -88,7 +88,7 @@ def extract_features(
 
 def check_finite(feats: torch.Tensor, model: nn.Module) -> None:
     """Raise NonFiniteFeaturesError naming the model's checkpoint (``model.load_info``, set by
-    ``eval.loading.load_backbone``) when any row of ``feats`` (N, D) holds a NaN or an inf."""
+    ``dino_train.models.loading.load_backbone``) when any row of ``feats`` (N, D) holds a NaN or an inf."""
     bad = ~torch.isfinite(feats.reshape(len(feats), -1)).all(dim=1)
     n_bad = int(bad.sum())
     if not n_bad:

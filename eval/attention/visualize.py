@@ -24,7 +24,9 @@ from eval.common import add_backbone_args, backbone_from_args, run_tool
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="visualize_attention", description=__doc__, formatter_class=HelpFormatter
+    )
     add_backbone_args(p)
     p.add_argument("--input", required=True, type=Path, help="an image, a folder of images, or a video")
     p.add_argument("--video-frames", action="store_true", help="--input is a folder of video frames")

@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--patch-tokens",
         action="store_true",
         help=f"with --dump-features: also each image's patch tokens (h*w, D) in float16, streamed to the "
-        f"feature stores DIR/{PATCH_DIR}/train and /val (read them with eval.feature_store.open_store)",
+        f"feature stores DIR/{PATCH_DIR}/train and /val (read them with "
+        "dino_train.measure.feature_store.open_store)",
     )
     p.add_argument("--load-features", metavar="DIR", help="reuse features saved by --dump-features")
     p.add_argument("--output-dir", help=f"write {RESULTS_FILE} and TensorBoard scalars here")

@@ -66,7 +66,7 @@ from eval.linear.train import (
 CHECKPOINT_FILE = "linear_checkpoint.pth"
 # Base lrs (for a batch of 256) trained side by side by default: the release's 0.001 and larger ones for
 # data sets whose epochs are a few steps long. On the embedded set (16 steps of 128 per epoch, 20 epochs)
-# the release's range 0.0003-0.003 reached 24.0% top-1 where 0.1-1.0 reached 35.4-35.8% (README).
+# the release's range 0.0003-0.003 reached 24.0% top-1 where 0.1-1.0 reached 35.4-35.8% (docs/evaluation.md).
 DEFAULT_LRS = (0.001, 0.01, 0.1, 1.0)
 
 

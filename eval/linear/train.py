@@ -241,7 +241,7 @@ def train_probe_in_memory(
     standardize: bool = False,
 ) -> tuple[nn.Linear, Tracker]:
     """One linear probe on features already in memory, by ``eval_linear --cached-features``'s recipe
-    (with ``standardize``, ``--standardize``'s: see :func:`eval.linear_model.feature_stats`).
+    (with ``standardize``, ``--standardize``'s: see :func:`eval.linear.model.feature_stats`).
 
     train_feats (N, D), val_feats (M, D): one feature vector per image (e.g. the CLS token);
     train_labels (N,), val_labels (M,): int64 in [0, num_classes). ``lr`` is for a batch of 256 (scaled by
