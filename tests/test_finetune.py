@@ -55,6 +55,113 @@ def test_layer_decay_groups_and_drop_path():
     assert plan.per_block and "per block" in plan.describe()
 
 
+_TOKENS = {"cls_token", "reg_token", "dist_token", "pos_embed"}
+
+
+def _expected(model: FineTuneModel, weight_decay: float, decay: float) -> dict[str, tuple[int, float, float]]:
+    """(layer, lr scale, weight decay) of every parameter, worked out by hand from the names: a depth-L
+    ViT's tokens and patch embedding are layer 0 at decay ** (L + 1), block i is layer i + 1 at
+    decay ** (L - i), the rest (final norm, classifier) layer L + 1 at 1; any other backbone is all
+    layer 0 at 1. Weight decay on the parameters of 2 or more dimensions but the tokens."""
+    vit = hasattr(model.backbone, "blocks")
+    depth = len(model.backbone.blocks) if vit else 0
+    out = {}
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        if not vit:
+            layer = 0
+        elif parts[1] in _TOKENS or parts[1] == "patch_embed":
+            layer = 0
+        elif parts[1] == "blocks":
+            layer = int(parts[2]) + 1
+        else:
+            layer = depth + 1
+        scale = decay ** (depth + 1 - layer) if vit else 1.0
+        exempt = param.ndim == 1 or parts[-1] in _TOKENS
+        out[name] = (layer, scale, 0.0 if exempt else weight_decay)
+    return out
+
+
+_SMALL_BACKBONES = {
+    "vit": lambda: build_backbone("vit_tiny", patch_size=8, img_size=32, timm_kwargs={"depth": 3}),
+    "vit_registers": lambda: build_backbone(
+        "vit_tiny", patch_size=8, img_size=32, timm_kwargs={"depth": 3, "reg_tokens": 2}
+    ),
+    "deit_distilled": lambda: build_backbone(
+        "deit_tiny_distilled_patch16_224", img_size=32, timm_kwargs={"depth": 2}
+    ),
+    # No tokens, and average pooling (an fc_norm after an empty norm): its first parameter is decayed, so
+    # timm's groups (in order of first appearance) come in another order than the checkpoints'.
+    "vit_no_tokens": lambda: build_backbone(
+        "vit_tiny_patch16_384",
+        img_size=32,
+        timm_kwargs={
+            "patch_size": 8,
+            "depth": 2,
+            "class_token": False,
+            "pos_embed": "none",
+            "global_pool": "avg",
+        },
+    ),
+    "resnet": lambda: build_backbone("test_resnet"),  # timm's ResNet has a group_matcher: not used
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_SMALL_BACKBONES))
+@pytest.mark.parametrize(("weight_decay", "decay"), [(0.05, 0.65), (0.0, 1.0), (0.3, 0.0)])
+def test_param_groups_give_every_parameter_its_hand_computed_scale_and_decay(kind, weight_decay, decay):
+    model = FineTuneModel(_SMALL_BACKBONES[kind](), 10)
+    vit = kind != "resnet"
+    assert (type(model.backbone).__name__ == "ReleasePosEmbedViT") == vit
+    if kind == "vit_registers":
+        assert model.backbone.reg_token is not None
+    groups, plan = param_groups(model, weight_decay=weight_decay, layer_decay=decay)
+    got = {}
+    for group in groups:
+        assert len(group["names"]) == len(group["params"])
+        for name, param in zip(group["names"], group["params"], strict=True):
+            assert param is model.get_parameter(name)
+            assert name not in got, f"{name} is in two groups"
+            got[name] = (group["lr_scale"], group["weight_decay"])
+    expected = _expected(model, weight_decay, decay)
+    assert got == {name: (scale, wd) for name, (_, scale, wd) in expected.items()}
+    assert plan.per_block == vit and plan.depth == (len(model.backbone.blocks) if vit else 0)
+    if not vit:
+        assert plan.describe() == "uniform (not a ViT: every layer at the base lr)"
+
+
+@pytest.mark.parametrize("kind", sorted(_SMALL_BACKBONES))
+def test_param_groups_keep_their_order_for_resuming(kind):
+    """Optimizer checkpoints map their state to parameters by position: the groups come sorted by (layer,
+    decayed), one per pair (whatever the weight decay), parameters within one in named_parameters order
+    (the backbone's, then the classifier's joining the top layer's groups), frozen ones left out."""
+    model = FineTuneModel(_SMALL_BACKBONES[kind](), 10)
+    position = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    expected = _expected(model, 0.05, 0.75)
+    keys = sorted({(layer, wd > 0) for layer, _, wd in expected.values()})
+    by_key = {k: [n for n in position if (expected[n][0], expected[n][2] > 0) == k] for k in keys}
+    groups, _ = param_groups(model, weight_decay=0.05, layer_decay=0.75)
+    assert [g["names"] for g in groups] == [by_key[k] for k in keys]
+    top = len(model.backbone.blocks) + 1 if kind != "resnet" else 0
+    assert groups[-2]["names"][-1] == "head.bias" and groups[-1]["names"][-1] == "head.weight"
+    assert keys[-2:] == [(top, False), (top, True)]
+    if kind != "resnet":
+        assert len(groups) == 2 * (top + 1)  # every layer has a decayed and an exempt group
+        norm = "fc_norm" if kind == "vit_no_tokens" else "norm"
+        assert groups[-2]["names"][0] == f"backbone.{norm}.weight"
+    # The same layout at weight decay 0 and layer decay 1 (timm would merge those groups).
+    flat, _ = param_groups(model, weight_decay=0.0, layer_decay=1.0)
+    assert [g["names"] for g in flat] == [g["names"] for g in groups]
+    assert all(g["weight_decay"] == 0.0 and g["lr_scale"] == 1.0 for g in flat)
+    # Frozen parameters drop out without moving the others.
+    frozen = {n for n in position if ".0." in n or n.endswith("cls_token")}
+    for name in frozen:
+        model.get_parameter(name).requires_grad_(False)
+    some, _ = param_groups(model, weight_decay=0.05, layer_decay=0.75)
+    kept = [[n for n in g["names"] if n not in frozen] for g in groups]
+    assert [g["names"] for g in some] == [names for names in kept if names]
+
+
 def test_randaugment_specs_that_would_crash_are_refused_up_front(tmp_path):
     from eval.finetune.train import check_randaugment, train_transform
 
