@@ -6,7 +6,8 @@ process each, alone on the cores), then score every teacher on the held-out spli
 
 Per recipe: steps, training seconds and steps/s; the loss and the teacher's entropy (fraction of ln K) at
 a quarter, half and the end of the run; k-NN (k = 10, 20), the linear probe and the attention Jaccard on
-``<data>/val`` (``eval.scorecard``); and a random backbone of the first recipe's shape as the floor.
+``<data>/val`` (``eval.scorecard``: the paper's rule, apart over brighter and darker objects, and the
+head-mean mask's); and a random backbone of the first recipe's shape as the floor.
 Prints a table and writes bench/results/recipes.json (rows appended as each recipe finishes, so an
 interrupted sweep keeps what it measured; ``--resume`` skips recipes already there).
 """
@@ -100,8 +101,11 @@ def _fmt(v: object) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
+    from eval.scorecard import JACCARD, JACCARD_HEAD_MEAN  # with the scores, which loaded torch already
+
     cols = ["name", "steps", "seconds", "loss", "teacher_entropy_ratio", "k-NN k=20", "linear probe",
-            "attention Jaccard", "warnings"]  # fmt: skip
+            JACCARD, "Jaccard, object brighter", "Jaccard, object darker", JACCARD_HEAD_MEAN,
+            "warnings"]  # fmt: skip
     cells = [[_fmt(r.get(c, "-")) for c in cols] for r in rows]
     widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
     print("  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))

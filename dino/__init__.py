@@ -5,7 +5,7 @@ score them with k-NN or a linear probe.
     result = dino.pretrain("configs/demo.yaml", ["train.epochs=2"])
     model = dino.load_backbone(result.output_dir / "checkpoint.pth")
     dino.plot_attention(model, "image.png", threshold=0.6)
-    dino.attention_jaccard(model, "data/embedded/val", "data/embedded/val_masks").mean
+    dino.attention_jaccard(model, "data/embedded/val", "data/embedded/val_masks").best_head_per_object
     train, val = dino.extract_features(model, "data/train"), dino.extract_features(model, "data/val")
     dino.knn_accuracy(train.features, train.labels, val.features, val.labels, k=20)
 

@@ -129,15 +129,18 @@ def attention_jaccard(
     image_size: int | None = None,
     threshold: float = 0.6,
 ) -> JaccardResult:
-    """How well the CLS attention of ``blocks[-1]`` segments objects, as ``eval_attention`` scores it: the
-    Jaccard index (%) of the fewest patches holding ``threshold`` of the attention mass with the object's
-    mask, for the head mean (``.mean``) and each head (``.per_head``), averaged over the images under
-    ``images_dir`` that have a mask at the same relative path under ``masks_dir`` (nonzero = object).
-    ``.references`` holds the same measure for two maps without a model (the other masks' mean, attention
-    even on the object), to read the number against; ``.per_image`` and ``.per_image_heads`` each image's
-    own scores, the images in sorted path order; ``.by_brightness()`` the head mean apart over the images
-    whose object is brighter and darker than the rest (``.object_brighter`` per image). ``image_size``:
-    short side after resizing (None: as stored). ``model`` runs on its own device.
+    """How well the CLS attention of ``blocks[-1]`` segments objects, as ``eval_attention`` scores it,
+    over the images under ``images_dir`` that have a mask at the same relative path under ``masks_dir``
+    (a label map: 0 background, one value per object; a binary mask is one object). Each head's
+    attention is thresholded to the fewest patches holding ``threshold`` of its mass; the headline,
+    ``.best_head_per_object``, is the paper's rule: for each object the head whose mask has the best
+    Jaccard index (%) with it, averaged over the image's objects, then over images. Named apart beside it:
+    ``.head_mean_mask`` (the head-mean attention's mask against all of an image's objects), ``.per_head``
+    (each head's own), ``.references`` (two maps without a model, by the paper's rule: the other masks'
+    mean and attention even on each object), ``.by_brightness()`` (the paper's rule apart over objects
+    brighter and darker than the rest of their image), and each image's and object's own scores
+    (``.per_image_paper``, ``.per_object``), the images in sorted path order. ``image_size``: short side
+    after resizing (None: as stored). ``model`` runs on its own device.
     """
     for name, folder in (("images_dir", images_dir), ("masks_dir", masks_dir)):
         if not Path(folder).is_dir():

@@ -16,14 +16,9 @@ from dino_train.data import DataError, ImageDataset, eval_transform
 from dino_train.data.embedded import MASKS
 from dino_train.data.labelled import class_folders
 from dino_train.measure.attention import colorize, denormalize, summarize, upsample, vit_patch_size
-from dino_train.measure.jaccard import (
-    BRIGHTER,
-    DARKER,
-    attention_jaccard,
-    describe_references,
-    load_masked_images,
-)
+from dino_train.measure.jaccard import BRIGHTER, DARKER, attention_jaccard, describe_references
 from dino_train.measure.knn_bank import classify_bank, extract_bank
+from dino_train.measure.masks import load_masked_images
 from dino_train.models.backbone import NotAViTError
 from dino_train.monitor.logger import Monitor
 
@@ -72,7 +67,7 @@ class PeriodicKNN(EpochHook):
         self.monitor.message(f"epoch {epoch}: k-NN top-1 {shown}")
 
 
-# TensorBoard tags (under attention/) of JaccardResult.by_brightness's groups.
+# TensorBoard tags (under attention/) of JaccardResult.by_brightness's groups (the paper's rule).
 BRIGHTNESS_TAGS = {BRIGHTER: "jaccard_object_brighter", DARKER: "jaccard_object_darker"}
 
 
@@ -109,14 +104,17 @@ class PeriodicJaccard(EpochHook):
         heads = {f"jaccard_head{i}": v for i, v in enumerate(result.per_head)}
         split = result.by_brightness()  # attention drawn to bright regions shows as a gap between the two
         by_group = {BRIGHTNESS_TAGS[group]: v for group, v in split.items()}
-        scalars = {"jaccard_mean": result.mean, **heads, **by_group}
+        scalars = {"jaccard_best_head_per_object": result.best_head_per_object, **by_group,
+                   "jaccard_head_mean_mask": result.head_mean_mask, **heads}  # fmt: skip
         self.monitor.scalars(state.step, scalars, prefix="attention")
         self.monitor.record("jaccard", state.step, {"epoch": epoch, **result.as_dict()})
         per_head = " / ".join(f"{v:.1f}" for v in result.per_head)
         groups = ", ".join(f"{group} {v:.1f}" for group, v in split.items())
         self.monitor.message(
-            f"epoch {epoch}: attention Jaccard {result.mean:.1f}% (head mean; per head {per_head}; {groups}) "
-            f"on {result.images} masked val images; {describe_references(result.references)}"
+            f"epoch {epoch}: attention Jaccard {result.best_head_per_object:.1f}% (best head per object, the "
+            f"paper's rule; {groups}; head-mean mask {result.head_mean_mask:.1f}, per head {per_head}) on "
+            f"{result.objects} objects in {result.images} masked val images; "
+            f"{describe_references(result.references)}"
         )
 
 

@@ -66,7 +66,7 @@ def summarize(kinds: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         "last_jaccard": None
         if not jaccard
         else {
-            "mean": jaccard[-1]["mean"],
+            **dict(zip(("value", "rule"), headline_jaccard(jaccard[-1]), strict=True)),
             "per_head": jaccard[-1]["per_head"],
             "epoch": jaccard[-1]["epoch"],
             "references": jaccard[-1].get("references", {}),  # absent in logs written before them
@@ -74,6 +74,14 @@ def summarize(kinds: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         "warnings": [w["message"] for w in kinds["warning"]],
         "skipped_files": sum(r.get("skipped_files", 0) for r in kinds["epoch"]),
     }
+
+
+def headline_jaccard(record: dict[str, Any]) -> tuple[float, str]:
+    """The attention Jaccard a log record leads with, and its rule's name: the paper's (best head per
+    object); a log written before it holds the head-mean mask's only (``mean``)."""
+    if "best_head_per_object" in record:
+        return record["best_head_per_object"], "best head per object, the paper's rule"
+    return record["mean"], "head-mean mask, logged before the paper's rule"
 
 
 def plot(kinds: dict[str, list[dict[str, Any]]], out: str | Path) -> Path:
@@ -109,7 +117,10 @@ def plot(kinds: dict[str, list[dict[str, Any]]], out: str | Path) -> Path:
     jaccard = kinds["jaccard"]
     if jaccard:
         ax.plot(
-            [r["step"] for r in jaccard], [r["mean"] for r in jaccard], marker="s", label="attention Jaccard"
+            [r["step"] for r in jaccard],
+            [headline_jaccard(r)[0] for r in jaccard],
+            marker="s",
+            label=f"attention Jaccard ({headline_jaccard(jaccard[-1])[1]})",
         )
         from dino_train.measure.jaccard import PRIOR
 
@@ -156,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     jac = s["last_jaccard"]
     if jac:
-        print(f"attention Jaccard: {jac['mean']:.1f}% (head mean, {epoch_label(jac['epoch'])})")
+        print(f"attention Jaccard: {jac['value']:.1f}% ({jac['rule']}, {epoch_label(jac['epoch'])})")
         if jac["references"]:
             from dino_train.measure.jaccard import describe_references
 

@@ -4,18 +4,20 @@
         --masks data/embedded/val_masks --output-dir runs/attention
 
 Each image under ``--images`` that has a mask under ``--masks`` at the same relative path (any image
-extension; nonzero pixels are the object) is resized (``--image-size``, short side; 0 keeps it), its
-last block's CLS attention thresholded to the fewest patches holding ``--threshold`` of the mass (per
-head and for the head mean), and the Jaccard index with the object mask computed per image; the
-averages are printed and written to ``attention_jaccard.json``, with each image's own scores under
-``per_image`` (which images the attention misses), and a figure of a few images. The head mean is also
-averaged apart over the images whose object is brighter than the rest and those where it is darker:
-attention drawn to bright regions rather than to objects shows as a gap between the two.
+extension; a label map, 0 background and one value per object, 255 void beside other ids as in VOC; a
+binary mask is one object) is resized (``--image-size``, short side; 0 keeps it), and its last block's
+CLS attention thresholded, per head, to the fewest patches holding ``--threshold`` of the mass.
 
-Two rows need no model and say what the number means on this set: the same measure for one map shared
-by every image, the mean of the other images' masks (where the objects usually are: attention that finds
-each object beats it), and for attention spread evenly over each object (what attention wholly on the
-object scores under the threshold rule).
+The headline is the paper's rule (Fig. 4, and its first author in facebookresearch/dino issue 54): for
+each object the head whose mask has the best Jaccard index with it; an image scores the mean over its
+objects, the set the mean over images. Below it, named apart: the head-mean attention's mask against
+each image's foreground, each head's own mask against it, the paper's rule apart over objects brighter
+and darker than the rest of their image (attention drawn to bright regions rather than to objects shows
+as a gap between the two), and two maps without a model: one map shared by every image, the mean of the
+other images' masks (where the objects usually are: attention that finds each object beats it), and
+attention spread evenly over each object (what attention wholly on the object scores under the
+threshold rule). ``attention_jaccard.json`` holds them all, each image's and object's own scores under
+``per_image`` (which images the attention misses), and ``attention_jaccard.png`` a figure of a few.
 """
 
 from __future__ import annotations
@@ -25,7 +27,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dino_train.measure.attention import unwrap_vit
-from dino_train.measure.jaccard import EVEN, PRIOR, JaccardResult, folder_jaccard, paired_files
+from dino_train.measure.jaccard import (
+    EVEN,
+    HEAD_MEAN_RULE,
+    PAPER_RULE,
+    PRIOR,
+    JaccardResult,
+    folder_jaccard,
+)
+from dino_train.measure.masks import paired_files
 from dino_train.runtime.cli import HelpFormatter
 from dino_train.runtime.device import DeviceError, pick_device
 from dino_train.runtime.files import check_writable_dir, write_json
@@ -69,13 +79,11 @@ def _run(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     model = unwrap_vit(model).to(device)
     result = folder_jaccard(model, args.images, args.masks, args.image_size or None, args.threshold)
-    print(f"attention Jaccard on {result.images} images (threshold {args.threshold:g}), {info['arch']}")
-    rows = [["mean of heads", result.mean]] + [[f"head {i}", j] for i, j in enumerate(result.per_head)]
-    labels = {PRIOR: "no model: the other masks' mean", EVEN: "no model: even on the object"}
-    rows += [[label, result.references[key]] for key, label in labels.items() if key in result.references]
-    counts = result.brightness_counts()
-    rows += [[f"mean of heads, {group} ({counts[group]})", j] for group, j in result.by_brightness().items()]
-    print_table(["mask from", "Jaccard %"], rows)
+    print(
+        f"attention Jaccard on {result.objects} objects in {result.images} images "
+        f"(threshold {args.threshold:g}), {info['arch']}"
+    )
+    print_table(["mask from", "Jaccard %"], table_rows(result))
     if args.output_dir:
         write_json(args.output_dir / RESULTS_FILE, {
             **result.as_dict(), "threshold": args.threshold, "image_size": args.image_size,
@@ -87,17 +95,38 @@ def _run(args: argparse.Namespace) -> None:
         print(f"results in {args.output_dir / RESULTS_FILE}")
 
 
+def table_rows(result: JaccardResult) -> list[list]:
+    """The printed table: the paper's rule first, then the other measures, each named for what it is."""
+    rows = [[PAPER_RULE, result.best_head_per_object]]
+    counts = result.brightness_counts()
+    rows += [[f"  {group} ({counts[group]} objects)", j] for group, j in result.by_brightness().items()]
+    rows += [[HEAD_MEAN_RULE + " (vs all objects)", result.head_mean_mask]]
+    rows += [[f"head {i} (vs all objects)", j] for i, j in enumerate(result.per_head)]
+    labels = {PRIOR: "no model: the other masks' mean", EVEN: "no model: even on each object"}
+    return rows + [
+        [label, result.references[key]] for key, label in labels.items() if key in result.references
+    ]
+
+
 def per_image_rows(result: JaccardResult, images_dir: Path, masks_dir: Path) -> list[dict]:
     """One JSON row per image of ``folder_jaccard(model, images_dir, masks_dir)``, in the order it scored
-    them (``result.files``): the image and mask paths relative to their folders, the head-mean Jaccard,
-    each head's, and whether the object is the brighter region."""
-    rows = []
-    scores = zip(result.files, result.per_image, result.per_image_heads, result.object_brighter, strict=True)
-    for (img, mask), mean, heads, brighter in scores:
-        rel_img, rel_mask = str(img.relative_to(images_dir)), str(mask.relative_to(masks_dir))
-        rows.append(
-            {"image": rel_img, "mask": rel_mask, "mean": mean, "per_head": heads, "object_brighter": brighter}
+    them (``result.files``): the image and mask paths relative to their folders, the paper's rule and each
+    of its objects (id, best head, Jaccard, brighter or not), the head-mean mask's Jaccard, each head's,
+    and whether the foreground is the brighter region."""
+    objects: dict[int, list[dict]] = {}
+    for o in result.per_object:
+        objects.setdefault(o.image, []).append(
+            {"id": o.object_id, "best_head": o.head, "jaccard": o.jaccard, "object_brighter": o.brighter}
         )
+    rows = []
+    r = result
+    scores = zip(r.files, r.per_image_paper, r.per_image, r.per_image_heads, r.object_brighter, strict=True)
+    for i, ((img, mask), paper, mean, heads, brighter) in enumerate(scores):
+        rows.append({
+            "image": str(img.relative_to(images_dir)), "mask": str(mask.relative_to(masks_dir)),
+            "best_head_per_object": paper, "objects": objects.get(i, []),
+            "head_mean_mask": mean, "per_head": heads, "object_brighter": brighter,
+        })  # fmt: skip
     return rows
 
 
