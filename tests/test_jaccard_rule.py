@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from dino_train.measure import jaccard as J
-from dino_train.measure.attention import AttentionSummary
+from dino_train.measure.attention import summarize
 from dino_train.measure.masks import foreground, load_mask, object_ids, object_masks
 from dino_train.models import build_backbone
 
@@ -53,11 +53,8 @@ def test_the_papers_rule_and_the_head_mean_mask_differ_and_average_per_image(mon
     alone[2, 2] = 7
     maps = iter([attn, miss])
 
-    def fake_summarize(model, images, threshold=0.6, block=-1):  # the rule is under test, not a ViT
-        heads = next(maps)[None]
-        return AttentionSummary(heads, heads.mean(1, keepdim=True), None, None)
-
-    monkeypatch.setattr(J, "summarize", fake_summarize)
+    # The rule is under test, not a ViT: the maps come from the hand-made heads.
+    monkeypatch.setattr(J, "cls_attention_maps", lambda model, images, block=-1: next(maps)[None])
     monkeypatch.setattr(J, "vit_patch_size", lambda model: 1)
     model = torch.nn.Linear(1, 1)  # only its parameters' device is read
     images = [torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4)]
@@ -74,9 +71,7 @@ def test_the_brightness_split_follows_the_papers_rule_per_object(monkeypatch):
     """Object 1 brighter than the rest of its image, object 2 darker: each group holds its object's
     best-head Jaccard (100 and 33.3), not the image's head-mean score."""
     attn, labels = _two_object_image()
-    monkeypatch.setattr(
-        J, "summarize", lambda m, x, t=0.6, b=-1: AttentionSummary(attn[None], None, None, None)
-    )
+    monkeypatch.setattr(J, "cls_attention_maps", lambda model, images, block=-1: attn[None])
     monkeypatch.setattr(J, "vit_patch_size", lambda model: 1)
     rgb = torch.full((3, 4, 4), 0.5)
     rgb[:, labels == 1] = 1.0
@@ -105,7 +100,7 @@ def test_a_real_vit_scores_the_same_through_both_doors(tmp_path):
     labels = torch.zeros(64, 64, dtype=torch.long)
     labels[8:40, 8:30], labels[40:60, 30:60] = 3, 5
     res = J.attention_jaccard(vit, [image], [labels])
-    by_hand = J.score_attention(J.summarize(vit, image).heads[0], labels, 16)
+    by_hand = J.score_attention(summarize(vit, image).heads[0], labels, 16)
     assert [o.jaccard for o in res.per_object] == pytest.approx(by_hand.best.tolist())
     assert res.best_head_per_object == pytest.approx(float(by_hand.best.mean()))
 

@@ -22,7 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dino_train.measure.attention import denormalize, summarize, threshold_masks, upsample, vit_patch_size
+from dino_train.measure.attention import (
+    cls_attention_maps,
+    denormalize,
+    threshold_masks,
+    upsample,
+    vit_patch_size,
+)
 from dino_train.measure.masks import foreground, load_pairs, object_ids, object_masks, paired_files
 
 PRIOR = "masks_mean"  # the keys of reference_jaccards (JSON keys too)
@@ -244,7 +250,7 @@ def attention_jaccard(
     device = next(model.parameters()).device
     per_object, heads, means, paper = [], [], [], []
     for i, (img, labels) in enumerate(zip(images, masks, strict=True)):
-        scores = score_attention(summarize(model, img.to(device), threshold).heads[0], labels, p, threshold)
+        scores = score_attention(cls_attention_maps(model, img.to(device))[0], labels, p, threshold)
         objs = object_masks(labels.cpu())
         best = zip(scores.object_ids, scores.best.tolist(), scores.best_head.tolist(), objs, strict=True)
         per_object += [ObjectScore(i, oid, j, h, object_is_brighter(img, m)) for oid, j, h, m in best]
