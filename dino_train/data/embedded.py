@@ -11,6 +11,9 @@ Layout written by :func:`generate_embedded_dataset`::
 
     root/train/<class>/<i:05d>.png, root/val/<class>/<i:05d>.png, root/manifest.json,
     root/val_masks/<shape class>/<i:05d>.png (the object mask of each val image of a shape class)
+
+``version=2`` writes the object-centric set of ``dino_train.data.embedded_objects`` (docs/embedded-data.md)
+in the same layout, with a label map (0 background, 1, 2 one id per object) for every val image.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dino_train.data.embedded_objects import OBJECT_CLASSES, render_objects
 from dino_train.runtime.files import write_json
 
 FORMAT_VERSION = 3  # 3: val_masks/ holds the object masks of the shape classes' val images
@@ -147,7 +151,16 @@ def render(class_name: str, rng: np.random.Generator, image_size: int) -> tuple[
     return image, alpha[..., 0] > 0.5
 
 
-def _manifest(image_size: int, train_per_class: int, val_per_class: int, seed: int) -> dict:
+def classes_for(version: int) -> tuple[str, ...]:
+    """The class names of data set ``version``: 1 the shapes and textures above, 2 the object classes."""
+    if version not in (1, 2):
+        raise ValueError(f"unknown embedded data set version {version}; expected 1 or 2")
+    return EMBEDDED_CLASSES if version == 1 else OBJECT_CLASSES
+
+
+def _manifest(image_size: int, train_per_class: int, val_per_class: int, seed: int, version: int) -> dict:
+    # Version 1's manifest has no "version" key, so its files stay byte-identical to earlier releases'.
+    extra = {} if version == 1 else {"version": version}
     return {
         "generator": _GENERATOR,
         "format_version": FORMAT_VERSION,
@@ -155,16 +168,17 @@ def _manifest(image_size: int, train_per_class: int, val_per_class: int, seed: i
         "train_per_class": train_per_class,
         "val_per_class": val_per_class,
         "seed": seed,
-        "classes": list(EMBEDDED_CLASSES),
+        "classes": list(classes_for(version)),
+        **extra,
     }
 
 
 def _expected_files(root: Path, manifest: dict) -> list[Path]:
     counts = {"train": manifest["train_per_class"], "val": manifest["val_per_class"]}
-    images = [
-        root / s / c / f"{i:05d}.png" for s in _SPLITS for c in EMBEDDED_CLASSES for i in range(counts[s])
-    ]
-    masks = [root / MASKS / c / f"{i:05d}.png" for c in SHAPE_CLASSES for i in range(counts["val"])]
+    classes = classes_for(manifest.get("version", 1))
+    images = [root / s / c / f"{i:05d}.png" for s in _SPLITS for c in classes for i in range(counts[s])]
+    masked = SHAPE_CLASSES if manifest.get("version", 1) == 1 else classes
+    masks = [root / MASKS / c / f"{i:05d}.png" for c in masked for i in range(counts["val"])]
     return images + masks
 
 
@@ -180,22 +194,29 @@ def _is_complete(root: Path, manifest: dict) -> bool:
 
 
 def generate_embedded_dataset(
-    root: str | Path, image_size: int = 64, train_per_class: int = 200, val_per_class: int = 50, seed: int = 0
+    root: str | Path,
+    image_size: int = 64,
+    train_per_class: int = 200,
+    val_per_class: int = 50,
+    seed: int = 0,
+    version: int = 1,
 ) -> Path:
     """Write the embedded data set under ``root`` (if not already there) and return ``root`` as a Path.
 
     ``image_size`` is the side in pixels; ``*_per_class`` are image counts per class and split. Same arguments
     give byte-identical PNGs. An existing complete data set with the same parameters is left untouched; one
     with different parameters (ours, per its manifest) is replaced. Anything else at ``root`` is an error,
-    so a mistyped path never deletes user data.
+    so a mistyped path never deletes user data. ``version`` 2 is the object-centric set (every val image
+    with a label map); a folder of the other version is replaced.
     """
     if image_size < 16 or train_per_class < 1 or val_per_class < 0 or seed < 0:
         raise ValueError(
             f"need image_size >= 16, train_per_class >= 1, val_per_class >= 0, seed >= 0; got "
             f"{image_size=}, {train_per_class=}, {val_per_class=}, {seed=}"
         )
+    classes = classes_for(version)
     root = Path(root)
-    manifest = _manifest(image_size, train_per_class, val_per_class, seed)
+    manifest = _manifest(image_size, train_per_class, val_per_class, seed, version)
     if _is_complete(root, manifest):
         return root
     if root.exists() and not root.is_dir():
@@ -213,18 +234,21 @@ def generate_embedded_dataset(
     try:
         for split_idx, split in enumerate(_SPLITS):
             count = train_per_class if split == "train" else val_per_class
-            for class_idx, name in enumerate(EMBEDDED_CLASSES):
+            for class_idx, name in enumerate(classes):
                 folder = tmp / split / name
                 folder.mkdir(parents=True)
                 for i in range(count):
                     rng = np.random.default_rng([seed, split_idx, class_idx, i])
-                    image, mask = render(name, rng, image_size)
+                    if version == 1:
+                        image, mask = render(name, rng, image_size)
+                        labels = mask.astype(np.uint8) * 255 if name in SHAPE_CLASSES else None
+                    else:  # label maps by id (1, 2): 255 would read as VOC void beside other ids
+                        image, ids = render_objects(class_idx, rng, image_size)
+                        labels = ids.astype(np.uint8)
                     image.save(folder / f"{i:05d}.png", format="PNG")
-                    if split == "val" and name in SHAPE_CLASSES:
+                    if split == "val" and labels is not None:
                         (tmp / MASKS / name).mkdir(parents=True, exist_ok=True)
-                        Image.fromarray(mask.astype(np.uint8) * 255, "L").save(
-                            tmp / MASKS / name / f"{i:05d}.png"
-                        )
+                        Image.fromarray(labels, "L").save(tmp / MASKS / name / f"{i:05d}.png")
         # The manifest goes in last: its presence is what marks the data set complete.
         write_json(tmp / "manifest.json", manifest)
         _swap_into_place(tmp, root, manifest)
@@ -256,12 +280,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-per-class", type=int, default=200)
     parser.add_argument("--val-per-class", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--version", type=int, default=1, choices=(1, 2), help="2: object-centric objects")
     args = parser.parse_args(argv)
     root = generate_embedded_dataset(
-        args.out, args.image_size, args.train_per_class, args.val_per_class, args.seed
+        args.out, args.image_size, args.train_per_class, args.val_per_class, args.seed, args.version
     )
-    total = len(EMBEDDED_CLASSES) * (args.train_per_class + args.val_per_class)
-    print(f"embedded data set ({total} images, {len(EMBEDDED_CLASSES)} classes) at {root.resolve()}")
+    n = len(classes_for(args.version))
+    total = n * (args.train_per_class + args.val_per_class)
+    print(f"embedded data set v{args.version} ({total} images, {n} classes) at {root.resolve()}")
     return 0
 
 
