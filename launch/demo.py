@@ -48,6 +48,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--data-dir", type=Path, default=Path("data/embedded"), help="where the data set is written"
     )
+    p.add_argument(
+        "--data-version",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="the embedded data set's version: 1 shapes and textures (the measured demos), 2 objects with "
+        "their own patterns on class-free backgrounds (docs/embedded-data.md)",
+    )
     p.add_argument("--skip-eval", "--skip-knn", action="store_true", help="no comparison with random init")
     p.add_argument("--no-progress", action="store_true", help="plain lines only (train.progress_bar=false)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
@@ -61,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.time()
     try:
-        root = generate_embedded_dataset(args.data_dir)
+        root = generate_embedded_dataset(args.data_dir, version=args.data_version)
         print(
             f"embedded data set: {root} (train/, val/ and the val objects' masks in val_masks/)", flush=True
         )
@@ -208,16 +216,17 @@ def attention_grid(result: TrainResult, root: Path, out: Path) -> Path:
 
 
 def grid_images(root: Path, count: int = 4) -> list[Path]:
-    """One val image of each of the first ``count`` shape classes, the object alternately darker and
-    brighter than its background (the first such image of its class; the class's first image if it has
+    """One val image of each of the first ``count`` classes with masks, the object alternately darker and
+    brighter than its surroundings (the first such image of its class; the class's first image if it has
     none): the data draws both, and a teacher's attention may favour one, so the grid shows both."""
-    from dino_train.data.embedded import MASKS, SHAPE_CLASSES
+    from dino_train.data.embedded import MASKS
     from dino_train.measure.jaccard import object_is_brighter
     from dino_train.measure.masks import foreground, load_pairs, paired_files
 
-    classes = [c for c in SHAPE_CLASSES if (root / MASKS / c).is_dir()][:count]
+    order = json.loads((root / "manifest.json").read_text())["classes"]  # the generator's class order
+    classes = [c for c in order if (root / MASKS / c).is_dir()]
     picked = []
-    for i, name in enumerate(classes):
+    for i, name in enumerate(classes[:count]):
         pairs = paired_files(root / "val" / name, root / MASKS / name)
         images, masks = load_pairs(pairs, 1)
         brighter = [object_is_brighter(x, foreground(m)) for x, m in zip(images, masks, strict=True)]
