@@ -1,13 +1,17 @@
+"""Fixtures the test files share. Plain helpers (paths, environments, torchrun, overrides) are in
+tests/helpers.py."""
+
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-# Two cores: keep each test process on few threads so parallel ranks do not oversubscribe.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# One torch thread in the test process (and in what it starts without tests.helpers.ENV), unless the
+# environment says otherwise. The models are tiny, and on two cores shared with the processes a test starts
+# (or anything else), OpenMP's spin-waiting makes two-thread ops several times slower: the release
+# interpolation tests took 2.9 s on one thread and 16.7 s on two on a loaded 2-core machine. A test that
+# wants more says so (the demo's run: train.num_threads=2).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
@@ -18,30 +22,6 @@ def tiny_data(tmp_path_factory) -> Path:
     return generate_embedded_dataset(
         tmp_path_factory.mktemp("data") / "embedded", image_size=32, train_per_class=4, val_per_class=2
     )
-
-
-def tiny_overrides(data: Path, out: Path, *extra: str) -> list[str]:
-    """A ViT-Tiny/8 on 32 px crops with a small head: a step takes a fraction of a second."""
-    return [
-        f"data.path={data / 'train'}",
-        f"train.output_dir={out}",
-        "model.arch=vit_tiny",
-        "model.patch_size=8",
-        "model.out_dim=64",
-        "model.head_hidden_dim=32",
-        "model.head_bottleneck_dim=16",
-        "data.batch_size_per_gpu=8",
-        "data.num_workers=0",
-        "data.global_crops_size=32",
-        "data.local_crops_size=16",
-        "data.local_crops_number=2",
-        "optim.warmup_epochs=1",
-        "train.epochs=2",
-        "train.precision=fp32",
-        "train.progress_bar=false",
-        "train.log_every_steps=1",
-        *extra,
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -70,5 +50,24 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def python() -> str:
-    return sys.executable
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory):
+    """One finished tiny training shared by the tests that read a run's files or its end state:
+    ``tiny_overrides`` as they are (2 epochs of 5 steps) with an epoch checkpoint after each epoch
+    (``train.saveckp_freq=1``), on one thread (exact comparisons with it must run on one thread too).
+    Returns (output folder, TrainResult). Read only: copy the folder to resume or change it."""
+    import torch
+
+    from dino_train.config import load_config
+    from dino_train.train import train
+    from tests.helpers import tiny_overrides
+
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    threads = torch.get_num_threads()
+    try:
+        result = train(
+            load_config(None, tiny_overrides(tiny_data, out, "train.saveckp_freq=1", "train.num_threads=1"))
+        )
+    finally:
+        torch.set_num_threads(threads)
+    return out, result

@@ -21,9 +21,8 @@ from dino_train.measure.attention import prepare_image, summarize
 from dino_train.measure.knn import knn_classify
 from dino_train.models import build_backbone
 from eval.linear import cli as linear_eval
-from tests.conftest import tiny_overrides
+from tests.helpers import REPO, tiny_overrides
 
-REPO = Path(__file__).resolve().parents[1]
 HEADS, DIM = 3, 192  # vit_tiny
 
 
@@ -263,6 +262,7 @@ def test_linear_probe_is_eval_linear_cached_features(model, backbone_file, tiny_
 # ---------------------------------------------------------------------------------------- pretrain
 
 
+@pytest.mark.slow
 def test_pretrain_returns_the_run_and_its_checkpoint_loads(tiny_data, tmp_path):
     result = dino.pretrain(None, tiny_overrides(tiny_data, tmp_path / "run", "train.max_steps=2"))
     assert isinstance(result, dino.TrainResult) and result.step == 2

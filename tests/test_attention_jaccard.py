@@ -1,8 +1,9 @@
-"""The paper's attention-segmentation measure (eval/attention_jaccard.py, eval_attention): the Jaccard
+"""The attention-segmentation measures (dino_train.measure.jaccard, eval_attention): the Jaccard
 index by hand, the pixel alignment of the patch masks with the object masks, and the tool end to end on
 the embedded set's val images and their object masks."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,15 +16,18 @@ from dino_train.measure.jaccard import (
     BRIGHTER,
     DARKER,
     EVEN,
+    PAPER_RULE,
     PRIOR,
     JaccardResult,
+    ObjectScore,
     attention_jaccard,
     folder_jaccard,
     jaccard,
-    load_masked_images,
     object_is_brighter,
     reference_jaccards,
 )
+from dino_train.measure.masks import load_masked_images
+from dino_train.models import build_backbone
 from dino_train.models.loading import load_backbone
 from eval.attention import cli as attention_eval
 from eval.common import EvalExit
@@ -70,14 +74,22 @@ def test_object_brightness_by_hand():
 
 
 def test_jaccard_by_brightness_by_hand():
-    res = JaccardResult(0.0, [], 0.0, 3, per_image=[60.0, 4.0, 50.0], object_brighter=[True, False, True])
+    """The paper's rule apart by object (its best head's score), the head-mean mask's apart by image."""
+    objects = [
+        ObjectScore(0, 1, 60.0, 0, True),
+        ObjectScore(1, 1, 4.0, 2, False),
+        ObjectScore(2, 5, 50.0, 1, True),
+    ]
+    res = JaccardResult(38.0, 0.0, [], 0.0, 3, 3, per_object=objects)
     assert res.by_brightness() == pytest.approx({BRIGHTER: 55.0, DARKER: 4.0})
-    assert res.as_dict()["by_brightness_images"] == {BRIGHTER: 2, DARKER: 1}
-    res.object_brighter = [True, True, True]  # a group without images is left out
+    assert res.as_dict()["by_brightness_objects"] == {BRIGHTER: 2, DARKER: 1}
+    res.per_object = [replace(o, brighter=True) for o in objects]  # a group without objects is left out
     assert res.by_brightness() == pytest.approx({BRIGHTER: 38.0})
-    res.object_brighter = [None, False, True]  # an empty or full mask: in neither group
-    assert res.by_brightness() == pytest.approx({BRIGHTER: 50.0, DARKER: 4.0})
-    assert res.as_dict()["by_brightness_images"] == {BRIGHTER: 1, DARKER: 1}
+    res.per_object = [replace(o, brighter=b) for o, b in zip(objects, [None, False, True], strict=True)]
+    assert res.by_brightness() == pytest.approx({BRIGHTER: 50.0, DARKER: 4.0})  # None: in neither group
+    assert res.as_dict()["by_brightness_objects"] == {BRIGHTER: 1, DARKER: 1}
+    res.per_image, res.object_brighter = [70.0, 10.0, 30.0], [True, False, True]
+    assert res.head_mean_by_brightness() == pytest.approx({BRIGHTER: 50.0, DARKER: 10.0})
 
 
 def test_reference_jaccards_by_hand():
@@ -103,16 +115,16 @@ def test_reference_jaccards_by_hand():
 
 
 def test_reference_jaccards_of_an_empty_mask_and_of_one_image():
-    """An image without its object scores 0 for even attention, as any model's attention does (it always
-    keeps some patch), not the 100 of two empty masks; with one image there are no other masks, so no
-    prior."""
+    """An image without an object has nothing to score under the paper's rule (for each object, ...):
+    it is left out, as the model's own score leaves it out; with one image there are no other masks, so
+    no prior."""
     empty = torch.zeros(16, 16, dtype=torch.bool)
     full = torch.ones(16, 16, dtype=torch.bool)
     assert reference_jaccards([empty], 8) == {EVEN: 0.0}
-    # Two images: even attention scores 0 on the empty one, 60% of the full one's four patches
-    # (three patches of the four: 75) on the other.
+    # Two images: the empty one is left out; 60% of the full one's four patches keeps three (75), for
+    # even attention and for the prior (the empty mask's map spreads evenly).
     refs = reference_jaccards([empty, full], 8)
-    assert refs[EVEN] == pytest.approx(75.0 / 2) and refs[PRIOR] == pytest.approx(75.0 / 2)
+    assert refs[EVEN] == pytest.approx(75.0) and refs[PRIOR] == pytest.approx(75.0)
 
 
 @pytest.fixture(scope="module")
@@ -128,15 +140,21 @@ def test_the_attention_masks_own_pixels_score_100_and_their_complement_0(vit):
     img = torch.randn(1, 3, 32, 40)  # 4 x 5 patches of 8 px: not square, to catch a transposed grid
     own = upsample(summarize(vit, img).mean_mask, 8)[0, 0].bool()
     assert 0 < own.sum() < own.numel()
-    assert attention_jaccard(vit, [img], [own]).mean == pytest.approx(100.0)
-    assert attention_jaccard(vit, [img], [~own]).mean == pytest.approx(0.0)
+    assert attention_jaccard(vit, [img], [own]).head_mean_mask == pytest.approx(100.0)
+    assert attention_jaccard(vit, [img], [~own]).head_mean_mask == pytest.approx(0.0)
     both = attention_jaccard(vit, [img, img], [own, ~own])  # per image, in input order
-    assert both.per_image == pytest.approx([100.0, 0.0]) and both.mean == pytest.approx(50.0)
+    assert both.per_image == pytest.approx([100.0, 0.0]) and both.head_mean_mask == pytest.approx(50.0)
+    # Each head's own mask as the object: the paper's rule picks that head, and scores it 100.
+    heads = upsample(summarize(vit, img).head_masks, 8)[0].bool()
+    for h, mask in enumerate(heads):
+        one = attention_jaccard(vit, [img], [mask])
+        assert one.best_head_per_object == pytest.approx(100.0) and one.per_object[0].head == h
     assert len(both.per_image_heads) == 2 and all(len(h) == 3 for h in both.per_image_heads)
     with pytest.raises(ValueError, match="as many masks as images"):
         attention_jaccard(vit, [img], [])
 
 
+@pytest.mark.slow
 def test_eval_attention_end_to_end(tiny_data, backbone_file, tmp_path, capsys):
     images, masks = tiny_data / "val", tiny_data / "val_masks"
     n_masks = len(list(masks.rglob("*.png")))
@@ -145,10 +163,15 @@ def test_eval_attention_end_to_end(tiny_data, backbone_file, tmp_path, capsys):
     assert attention_eval.main([*args, "--output-dir", str(tmp_path / "out")]) == 0
     res = json.loads((tmp_path / "out" / "attention_jaccard.json").read_text())
     assert res["images"] == n_masks  # only the images with a mask (the shape classes) are scored
-    assert len(res["per_head"]) == 3 and res["best_head"] == max(res["per_head"])
-    assert 0.0 <= res["mean"] <= 100.0 and res["threshold"] == 0.6
+    assert len(res["per_head"]) == 3 and res["best_single_head"] == max(res["per_head"])
+    assert 0.0 <= res["head_mean_mask"] <= 100.0 and res["threshold"] == 0.6
+    assert res["objects"] == n_masks  # one object per mask in the embedded set
+    # The paper's rule: at least the best single head's average, as each object takes its best head.
+    assert res["best_single_head"] <= res["best_head_per_object"] <= 100.0
     vit, _ = load_backbone(str(backbone_file))
-    assert folder_jaccard(vit.eval(), images, masks).mean == pytest.approx(res["mean"])
+    again = folder_jaccard(vit.eval(), images, masks)
+    assert again.head_mean_mask == pytest.approx(res["head_mean_mask"])
+    assert again.best_head_per_object == pytest.approx(res["best_head_per_object"])
     _, loaded = load_masked_images(images, masks, 8)
     assert res["references"] == pytest.approx(reference_jaccards(loaded, 8))
     assert (tmp_path / "out" / "attention_jaccard.png").stat().st_size > 0
@@ -159,7 +182,13 @@ def test_eval_attention_end_to_end(tiny_data, backbone_file, tmp_path, capsys):
     )
     for r in rows:
         assert (images / r["image"]).is_file() and Path(r["image"]).stem == Path(r["mask"]).stem
-    assert sum(r["mean"] for r in rows) / n_masks == pytest.approx(res["mean"])
+    assert sum(r["head_mean_mask"] for r in rows) / n_masks == pytest.approx(res["head_mean_mask"])
+    assert sum(r["best_head_per_object"] for r in rows) / n_masks == pytest.approx(
+        res["best_head_per_object"]
+    )
+    for r in rows:  # one object each: the image's score is its object's, the best of the heads' scores
+        (obj,) = r["objects"]
+        assert r["best_head_per_object"] == obj["jaccard"] == pytest.approx(max(r["per_head"]))
     for h, head_mean in enumerate(res["per_head"]):
         assert sum(r["per_head"][h] for r in rows) / n_masks == pytest.approx(head_mean)
     # Whether each object is the brighter region, checked on the files themselves (PIL's luma).
@@ -167,9 +196,10 @@ def test_eval_attention_end_to_end(tiny_data, backbone_file, tmp_path, capsys):
         luma = np.asarray(Image.open(images / r["image"]).convert("L"), dtype=float)
         inside = np.asarray(Image.open(masks / r["mask"]).convert("L")) > 127
         assert r["object_brighter"] == bool(luma[inside].mean() > luma[~inside].mean()), r
+        assert r["objects"][0]["object_brighter"] == r["object_brighter"]
     groups = {
-        True: [r["mean"] for r in rows if r["object_brighter"]],
-        False: [r["mean"] for r in rows if not r["object_brighter"]],
+        True: [r["best_head_per_object"] for r in rows if r["object_brighter"]],
+        False: [r["best_head_per_object"] for r in rows if not r["object_brighter"]],
     }
     assert all(groups.values())  # the embedded set draws either polarity
     assert res["by_brightness"] == pytest.approx(
@@ -177,9 +207,13 @@ def test_eval_attention_end_to_end(tiny_data, backbone_file, tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert "attention Jaccard on" in printed and "no model: the other masks' mean" in printed
-    assert f"mean of heads, {BRIGHTER} ({len(groups[True])})" in printed
-    assert f"mean of heads, {DARKER} ({len(groups[False])})" in printed
-    assert res["by_brightness_images"] == {BRIGHTER: len(groups[True]), DARKER: len(groups[False])}
+    table = [line.strip() for line in printed.splitlines()]
+    assert table.index(next(t for t in table if t.startswith("mask from"))) + 2 == table.index(
+        next(t for t in table if t.startswith(PAPER_RULE))
+    )  # the paper's rule is the first row
+    assert f"{BRIGHTER} ({len(groups[True])} objects)" in printed
+    assert f"{DARKER} ({len(groups[False])} objects)" in printed
+    assert res["by_brightness_objects"] == {BRIGHTER: len(groups[True]), DARKER: len(groups[False])}
     assert set(res["references"]) == {PRIOR, EVEN} == {"masks_mean", "even_on_object"}
     # A masks folder that matches no image is an input error (exit 2) naming both folders.
     (tmp_path / "none").mkdir()
@@ -209,3 +243,21 @@ def test_the_attention_grid_shows_darker_and_brighter_objects(tiny_data):
             assert brighter(img) == want, (i, img)
         else:  # no image of the wanted kind in this class: its first image
             assert img == candidates[0]
+
+
+def test_the_demos_grid_and_the_measure_read_a_version_2_set(tmp_path):
+    """Version 2 masks every val image (label maps, one id per object): the grid takes its first four
+    classes in the generator's order, and the paper's rule scores every object of every class."""
+    from dino_train.data.embedded import MASKS, classes_for, generate_embedded_dataset
+    from launch.demo import grid_images
+
+    root = generate_embedded_dataset(tmp_path / "v2", train_per_class=1, val_per_class=3, version=2)
+    picked = grid_images(root)
+    assert [p.parent.name for p in picked] == list(classes_for(2)[:4])
+    images, masks = load_masked_images(root / "val", root / MASKS, 16)
+    assert len(images) == 3 * len(classes_for(2))
+    torch.manual_seed(0)
+    vit = build_backbone("vit_tiny", patch_size=16, img_size=64).eval()
+    res = attention_jaccard(vit, images, masks)
+    assert res.objects >= len(images) and len(res.per_object) == res.objects
+    assert all(o.object_id in (1, 2) for o in res.per_object)

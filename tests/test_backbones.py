@@ -1,18 +1,18 @@
-"""Any timm backbone trains and evaluates: a ResNet and a ConvNeXt through main.py and eval_knn, the
-release's ResNet-50 and XCiT key layouts in eval, and clear errors for what needs a ViT."""
+"""Any timm backbone trains and evaluates: a ResNet and a ConvNeXt through main.py's and eval_knn's
+main(), the release's ResNet-50 and XCiT key layouts in eval, and clear errors for what needs a ViT."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import timm
 import torch
 
+from dino_train.main import main as train_main
 from dino_train.models import NotAViTError, as_vit, build_backbone
 from dino_train.models.loading import load_backbone
 from dino_train.runtime.files import CheckpointError
-from tests.conftest import REPO, tiny_overrides
+from eval.knn.cli import main as knn_main
+from tests.helpers import tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -22,24 +22,19 @@ pytestmark = pytest.mark.slow
     [("resnet18", ["data.global_crops_size=32", "data.local_crops_size=16"]),
      ("convnext_atto", ["data.global_crops_size=64", "data.local_crops_size=32"])],
 )  # fmt: skip
-def test_timm_backbone_trains_and_scores_with_eval_knn(arch, sizes, tiny_data, tmp_path):
+def test_timm_backbone_trains_and_scores_with_eval_knn(arch, sizes, tiny_data, tmp_path, one_thread):
+    # main.py's and eval_knn's main() in this process (the scripts themselves run under torchrun in
+    # tests/test_train_e2e.py and tests/test_eval_end_to_end.py).
     out = tmp_path / arch
-    overrides = tiny_overrides(tiny_data, out, f"model.arch={arch}", "train.max_steps=3", *sizes)
-    done = subprocess.run(
-        [sys.executable, "dino_train/main.py", *overrides], cwd=REPO, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
+    assert train_main(tiny_overrides(tiny_data, out, f"model.arch={arch}", "train.max_steps=3", *sizes)) == 0
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ckpt["step"] == 3 and ckpt["backbone"]["timm_name"] == arch
     # The backbone-only file: its <file>.json sidecar names the backbone (a ConvNeXt's weights alone do not).
     assert json.loads((out / "teacher_backbone.pth.json").read_text())["backbone"]["timm_name"] == arch
-    knn = subprocess.run(
-        [sys.executable, "-m", "eval.knn", "--checkpoint", str(out / "teacher_backbone.pth"), "--data",
-         str(tiny_data), "--ks", "1", "3", "--resize", "32", "--crop", "32", "--num-workers", "0",
-         "--output-dir", str(tmp_path / "knn"), "--no-progress"],
-        cwd=REPO, capture_output=True, text=True,
-    )  # fmt: skip
-    assert knn.returncode == 0, knn.stderr
+    knn = knn_main(["--checkpoint", str(out / "teacher_backbone.pth"), "--data", str(tiny_data), "--ks", "1",
+                    "3", "--resize", "32", "--crop", "32", "--num-workers", "0", "--output-dir",
+                    str(tmp_path / "knn"), "--no-progress"])  # fmt: skip
+    assert knn == 0
     result = json.loads((tmp_path / "knn" / "knn_results.json").read_text())
     assert result["backbone"]["arch"] == arch and 0 <= result["results"]["1"]["top1"] <= 100
     # The teacher scored is the trained one: the eval model's weights equal the checkpoint's teacher.

@@ -11,7 +11,7 @@ from dino_train.config import load_config
 from dino_train.data import DataError, ImageDataset, build_pretrain_loader
 from dino_train.data.datasets import load_rgb, to_rgb
 from dino_train.train import train
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 
 def write_good(folder, n, size=40):
@@ -60,7 +60,8 @@ def test_every_mode_becomes_8bit_rgb(tmp_path):
     assert np.asarray(to_rgb(f))[..., 0].min() == 0 and np.asarray(to_rgb(f))[..., 0].max() == 255
 
 
-def test_bad_files_are_skipped_counted_and_named(tmp_path):
+@pytest.mark.slow
+def test_bad_files_are_skipped_counted_and_named(tmp_path, one_thread):
     folder = tmp_path / "mixed"
     folder.mkdir()
     write_good(folder, 10)

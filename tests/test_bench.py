@@ -6,11 +6,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.train_step import main as train_step_main
+from tests.helpers import REPO
+
+
+@pytest.fixture
+def bench_here(monkeypatch, one_thread):
+    """bench.train_step's main() in this process, as ``python -m bench.train_step`` runs it from the
+    repository root: its rows' child processes start there (bench/ is not installed), and the torch
+    threads it sets (--threads) are restored afterwards."""
+    monkeypatch.chdir(REPO)
 
 
 def _python(code: str) -> str:
@@ -41,18 +49,18 @@ def test_cpu_step_memory_sees_a_known_peak_and_not_what_was_held_before():
 
 
 @pytest.mark.slow
-def test_train_step_bench_rows_compare_with_explicit_attention_and_the_reference(tmp_path):
+def test_train_step_bench_rows_compare_with_explicit_attention_and_the_reference(tmp_path, bench_here, capfd):
     out = tmp_path / "step.json"
-    cmd = [
-        sys.executable, "-m", "bench.train_step", "--arch", "vit_tiny", "--patch", "16", "--batch", "2",
+    argv = [
+        "--arch", "vit_tiny", "--patch", "16", "--batch", "2",
         "--global-size", "32", "--local-size", "16", "--local-crops", "2", "--out-dim", "256",
         "--precision", "fp32", "--attention", "fused", "explicit", "--steps", "1", "--threads", "1",
         "--rounds", "2", "--json", str(out),
     ]  # fmt: skip
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr
-    assert "mem x" in done.stdout and "vs ref" in done.stdout
-    assert done.stdout.count("  rounds: ") == 2  # one line per row, each round's times
+    assert train_step_main(argv) == 0  # each row's rounds in a child process of its own
+    stdout = capfd.readouterr().out
+    assert "mem x" in stdout and "vs ref" in stdout
+    assert stdout.count("  rounds: ") == 2  # one line per row, each round's times
     data = json.loads(out.read_text())
     assert data["meta"]["isolated"] is True and data["meta"]["rounds"] == 2
     assert all(len(r["step_s_rounds"]) == 2 and r["step_s"] in r["step_s_rounds"] for r in data["rows"])
@@ -68,28 +76,30 @@ def test_train_step_bench_rows_compare_with_explicit_attention_and_the_reference
 
 
 @pytest.mark.slow
-def test_train_step_bench_through_the_loader_takes_the_pil_row_as_the_reference(tmp_path, tiny_data):
+def test_train_step_bench_through_the_loader_takes_the_pil_row_as_the_reference(
+    tmp_path, tiny_data, bench_here, capfd
+):
     """--augment auto pil: the same fp32 explicit step through the loader on both augmentation paths; the
     release's PIL path is the reference of the whole loop."""
     out = tmp_path / "loop.json"
-    cmd = [
-        sys.executable, "-m", "bench.train_step", "--arch", "vit_tiny", "--patch", "16", "--batch", "4",
+    argv = [
+        "--arch", "vit_tiny", "--patch", "16", "--batch", "4",
         "--global-size", "32", "--local-size", "16", "--local-crops", "2", "--out-dim", "256",
         "--precision", "fp32", "--attention", "explicit", "--augment", "auto", "pil", "--steps", "2",
         "--threads", "1", "--data", str(tiny_data / "train"), "--workers", "0", "--json", str(out),
     ]  # fmt: skip
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr
+    assert train_step_main(argv) == 0
+    stdout = capfd.readouterr().out
     rows = {r["augment"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"auto", "pil"}
     assert rows["pil"]["speedup_vs_ref"] == 1.0
     assert rows["auto"]["speedup_vs_ref"] == rows["pil"]["step_s"] / rows["auto"]["step_s"]
     assert all(r["data_s"] > 0 for r in rows.values())  # the loader was timed, not random tensors
-    assert " pil " in done.stdout
+    assert " pil " in stdout
     # Without --data there is nothing to augment: an error, not a silently ignored flag.
-    no_data = [a for a in cmd if a not in ("--data", str(tiny_data / "train"))]
-    done = subprocess.run(no_data, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode != 0 and "--augment needs --data" in done.stderr
+    no_data = [a for a in argv if a not in ("--data", str(tiny_data / "train"))]
+    with pytest.raises(SystemExit, match="--augment needs --data"):
+        train_step_main(no_data)
 
 
 def _row(precision: str, step_s: float, mib: float = 10.0) -> dict:
@@ -118,12 +128,10 @@ def test_rounds_report_the_median_round_and_every_rounds_speedup():
 
 
 def test_rounds_below_one_or_without_isolation_are_refused():
-    cmd = [sys.executable, "-m", "bench.train_step", "--rounds", "0", "--json", "/dev/null"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode != 0 and "--rounds must be at least 1, got 0" in done.stderr
-    cmd = [sys.executable, "-m", "bench.train_step", "--rounds", "2", "--no-isolate", "--json", "/dev/null"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode != 0 and "--rounds needs isolated runs" in done.stderr
+    with pytest.raises(SystemExit, match="--rounds must be at least 1, got 0"):
+        train_step_main(["--rounds", "0", "--json", "/dev/null"])
+    with pytest.raises(SystemExit, match="--rounds needs isolated runs"):
+        train_step_main(["--rounds", "2", "--no-isolate", "--json", "/dev/null"])
 
 
 def test_a_result_json_is_written_whole_with_its_folders(tmp_path, capsys):

@@ -15,7 +15,7 @@ from dino_train.runtime.files import (
     CheckpointError,
 )
 from dino_train.train.checkpoint import CheckpointManager, export_backbone, load_file
-from tests.hardening_helpers import training_state
+from tests.helpers import training_state
 
 
 def flip_tensor_bytes(path: Path, n: int = 64) -> None:

@@ -1,11 +1,9 @@
-from pathlib import Path
-
 import pytest
 import yaml
 
 from dino_train.config import ConfigError, config_from_dict, load_config, save_config, scaled_lr, to_dict
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DATA = ["data.path=/some/images"]
 
 

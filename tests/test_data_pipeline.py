@@ -15,7 +15,7 @@ from dino_train.data import resolve_augment_device
 from dino_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dino_train.runtime.distributed import DistEnv
 from dino_train.train.build import build_loader
-from tests.conftest import REPO, tiny_overrides
+from tests.helpers import REPO, tiny_overrides
 
 
 @pytest.mark.slow

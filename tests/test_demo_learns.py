@@ -16,7 +16,7 @@ from dino_train.config import load_config
 from dino_train.data import generate_embedded_dataset
 from dino_train.train import train
 from launch.demo import compare_to_random
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -88,19 +88,21 @@ def test_demo_leaves_a_run_of_another_model_alone(tmp_path):
 def test_demo_prints_the_attention_references_under_the_jaccard(tiny_data, backbone_file, capsys):
     """The scorecard's Jaccard row is followed by the two references without a model, computed on the
     same val masks at the backbone's patch size."""
-    from dino_train.measure.jaccard import EVEN, PRIOR, load_masked_images, reference_jaccards
+    from dino_train.measure.jaccard import EVEN, PRIOR, reference_jaccards
+    from dino_train.measure.masks import load_masked_images
     from dino_train.models.loading import load_backbone
+    from eval.scorecard import JACCARD
     from launch.demo import TARGETS, attention_references, print_report
 
     vit, _ = load_backbone(str(backbone_file))
     refs = attention_references(vit, tiny_data)
     _, masks = load_masked_images(tiny_data / "val", tiny_data / "val_masks", 8)
     assert refs == pytest.approx(reference_jaccards(masks, 8))
-    row = {"k-NN k=20": 50.0, "attention Jaccard": 20.0}
+    row = {"k-NN k=20": 50.0, JACCARD: 20.0}
     report = {"steps": 3, "ln_K": 8.3, "loss": [8.3, 6.0], "entropy ratio": [0.9, 0.6], "warnings": [],
               "scores": {"random init": row, "DINO teacher": row}, "attention references": refs}  # fmt: skip
     print_report(report, TARGETS["long"])
     lines = capsys.readouterr().out.splitlines()
-    at = next(i for i, line in enumerate(lines) if "attention Jaccard" in line and "NOT met" in line)
+    at = next(i for i, line in enumerate(lines) if JACCARD in line and "NOT met" in line)
     assert f"{refs[PRIOR]:.1f} for the other masks' mean" in lines[at + 1]
     assert f"{refs[EVEN]:.1f} for attention even on each object" in lines[at + 1]

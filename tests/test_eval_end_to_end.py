@@ -1,9 +1,6 @@
 """eval_knn and eval_linear in-process on a tiny class-folder data set, and under torchrun (2 CPU ranks)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +9,8 @@ import torch
 from dino_train.models import build_backbone
 from eval.knn import cli as knn_eval
 from eval.linear import cli as linear_eval
+from tests.helpers import torchrun
 
-REPO = Path(__file__).resolve().parents[1]
 COMMON = ["--resize", "32", "--crop", "32", "--num-workers", "0", "--device", "cpu", "--no-progress"]
 
 
@@ -21,12 +18,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _torchrun(module: str, *args: str) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", module]
-    proc = subprocess.run([*cmd, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    """``python -m module args`` on 2 processes under torchrun, which must succeed."""
+    proc = torchrun(2, "-m", module, *args, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_eval_knn_writes_results_and_reuses_features(tiny_data, backbone_file, tmp_path, capsys):
     args = ["--checkpoint", str(backbone_file), "--data", str(tiny_data), "--ks", "1", "5", "20", *COMMON]
     assert (
@@ -56,6 +53,7 @@ def test_eval_knn_writes_results_and_reuses_features(tiny_data, backbone_file, t
     assert second["results"] == first["results"] and second["features_loaded"]
 
 
+@pytest.mark.slow
 def test_evaluate_knn_function_matches_the_cli(tiny_data, backbone_file, tmp_path):
     from dino_train.models.loading import load_backbone
 
@@ -78,6 +76,8 @@ def test_eval_knn_wrong_arch_is_a_clean_error(tiny_data, backbone_file):
         )
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_eval_knn_torchrun_matches_one_process(tiny_data, backbone_file, tmp_path):
     args = ["--checkpoint", str(backbone_file), "--data", str(tiny_data), "--ks", "1", "5", "20", *COMMON]
     knn_eval.main([*args, "--output-dir", str(tmp_path / "one"), "--dump-features", str(tmp_path / "f1")])
@@ -115,14 +115,12 @@ cleanup()
 """
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_extract_features_shards_and_gathers_in_dataset_order(tmp_path):
     script = tmp_path / "extract.py"
     script.write_text(FEATURE_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    proc = subprocess.run(
-        [*cmd, str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
-    )
+    proc = torchrun(2, str(script), str(tmp_path), timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
         out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
@@ -136,6 +134,7 @@ def _linear_args(data: Path, ckpt: Path, out: Path, *extra: str) -> list[str]:
     return ["--checkpoint", str(ckpt), "--data", str(data), "--output-dir", str(out), *COMMON, *extra]
 
 
+@pytest.mark.slow
 def test_eval_linear_grid_saves_the_best_probe_and_evaluates_it(tiny_data, backbone_file, tmp_path):
     grid = ["--epochs", "2", "--lr", "0.01", "1.0", "--n-last-blocks", "1", "2", "--avgpool", "both"]
     assert (
@@ -157,6 +156,7 @@ def test_eval_linear_grid_saves_the_best_probe_and_evaluates_it(tiny_data, backb
     assert (ev["top1"], ev["top5"]) == (res["best"]["best"]["top1"], res["best"]["best"]["top5"])
 
 
+@pytest.mark.slow
 def test_eval_linear_resumes_after_an_interruption(tiny_data, backbone_file, tmp_path, monkeypatch):
     run = ["--epochs", "3", "--lr", "0.5", "--n-last-blocks", "1", "--cached-features", "--batch-size", "8"]
     linear_eval.main(_linear_args(tiny_data, backbone_file, tmp_path / "full", *run))
@@ -183,6 +183,8 @@ def test_eval_linear_resumes_after_an_interruption(tiny_data, backbone_file, tmp
         linear_eval.main(_linear_args(tiny_data, backbone_file, tmp_path / "cut", *run[:1], "5", *run[2:]))
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_eval_linear_torchrun_matches_one_process(tiny_data, backbone_file, tmp_path):
     # Cached features: 2 ranks x batch 4 see exactly the images 1 rank x batch 8 sees, so the averaged
     # gradients, and hence the probes, must agree.
@@ -217,6 +219,7 @@ def test_probe_features_layout():
     assert variant_features(tokens, 3, True).shape == (2, 4 * 192)
 
 
+@pytest.mark.slow
 def test_eval_linear_evaluates_a_release_format_classifier(tiny_data, backbone_file, tmp_path):
     run = ["--epochs", "2", "--lr", "0.5", "--n-last-blocks", "1", "--avgpool", "no", "--cached-features"]
     linear_eval.main(_linear_args(tiny_data, backbone_file, tmp_path, *run, "--batch-size", "8"))
@@ -254,6 +257,7 @@ def test_a_standardised_grid_folds_into_plain_probes_on_raw_features():
         LinearGrid(points, 8, 5, (shift[:3], scale[:3]))
 
 
+@pytest.mark.slow
 def test_eval_linear_standardize_is_the_scorecard_probe(tiny_data, backbone_file, tmp_path):
     from dino_train.models.loading import load_backbone
     from eval.scorecard import evaluate_linear
@@ -282,6 +286,7 @@ def test_eval_linear_standardize_is_the_scorecard_probe(tiny_data, backbone_file
         linear_eval.main(_linear_args(tiny_data, backbone_file, tmp_path, *run[:-1]))
 
 
+@pytest.mark.slow
 def test_eval_linear_standardize_with_augmentation_saves_a_probe_on_raw_features(
     tiny_data, backbone_file, tmp_path
 ):

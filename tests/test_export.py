@@ -1,6 +1,6 @@
 """dino-export round trips: transformers' ViTModel, onnxruntime and timm load what it writes and give the
 backbone's own features. (That a demo checkpoint loads strictly into the release's layout is
-tests/test_fidelity.py's.)"""
+tests/test_release_parity.py's.)"""
 
 import json
 

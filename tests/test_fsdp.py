@@ -12,10 +12,7 @@ import torch
 from dino_train.config import ConfigError, load_config
 from dino_train.runtime.files import CheckpointError
 from dino_train.train.sharding import check_fsdp, restore_sharded
-from tests.conftest import REPO, tiny_overrides
-from tests.test_train_e2e import torchrun
-
-pytestmark = [pytest.mark.slow, pytest.mark.dist]
+from tests.helpers import REPO, tiny_overrides, torchrun
 
 # batch 4 per rank: 5 steps per epoch on 2 processes, 3 on 3; a checkpoint every step, one kept. SGD
 # with a large step: its update is linear in the gradient, so FSDP's and DDP's differ by float rounding
@@ -50,6 +47,8 @@ def assert_close(a: dict, b: dict, what: str) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"{what}: {k}")
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_fsdp_steps_equal_ddp_steps(fsdp_run, tiny_data, tmp_path):
     out, dump = fsdp_run
     ddp_out = tmp_path / "ddp"
@@ -80,6 +79,8 @@ def test_fsdp_steps_equal_ddp_steps(fsdp_run, tiny_data, tmp_path):
     assert (out / "sharded" / "step00000003" / ".metadata").is_file()
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_fsdp_resumes_at_another_world_size(fsdp_run, tiny_data, tmp_path):
     src, dump = fsdp_run
     out = tmp_path / "three"

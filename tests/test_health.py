@@ -25,7 +25,7 @@ from dino_train.monitor.report import main as report_main
 from dino_train.monitor.report import read_log, summarize
 from dino_train.runtime.distributed import free_port
 from dino_train.train import train
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 
 def test_uniform_teacher_metrics():
@@ -134,6 +134,7 @@ def get_json(url):
 @pytest.fixture(scope="module")
 def healthy_run(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("health") / "run"
+    threads = torch.get_num_threads()
     result = train(
         load_config(
             None,
@@ -145,9 +146,11 @@ def healthy_run(tiny_data, tmp_path_factory):
                 "monitor.knn_ks=[5,10]",
                 f"monitor.attention_images={tiny_data / 'val'}",
                 "monitor.attention_every_epochs=2",
+                "train.num_threads=1",  # a tiny model; the thread count is set back below
             ),
         )
     )
+    torch.set_num_threads(threads)
     return out, result
 
 
@@ -184,11 +187,14 @@ def test_the_monitor_logs_the_attention_jaccard_of_the_teacher(healthy_run, tiny
     assert all(r["images"] == 2 * len(SHAPE_CLASSES) and len(r["per_head"]) == 3 for r in rows)
     teacher, _ = load_backbone(out / "checkpoint.pth")
     expected = folder_jaccard(teacher.eval(), tiny_data / "val", tiny_data / "val_masks", image_size=32)
-    assert rows[-1]["mean"] == pytest.approx(expected.mean, abs=1e-4)
+    assert rows[-1]["best_head_per_object"] == pytest.approx(expected.best_head_per_object, abs=1e-4)
+    assert rows[-1]["head_mean_mask"] == pytest.approx(expected.head_mean_mask, abs=1e-4)
     assert rows[-1]["per_head"] == pytest.approx(expected.per_head, abs=1e-4)
     assert rows[-1]["references"] == pytest.approx(expected.references)  # the same masks, no model
     assert rows[-1]["by_brightness"] == pytest.approx(expected.by_brightness(), abs=1e-4)
-    assert summarize(read_log(out))["last_jaccard"]["references"] == rows[-1]["references"]
+    last = summarize(read_log(out))["last_jaccard"]
+    assert last["references"] == rows[-1]["references"]
+    assert last["value"] == rows[-1]["best_head_per_object"] and "the paper's rule" in last["rule"]
 
 
 def test_the_jaccard_hook_needs_masks_and_a_vit(tiny_data, tmp_path):
@@ -246,7 +252,8 @@ def test_tensorboard_serves_the_scalars(healthy_run):
             "grad/grad_norm_head",
             "speed/images_per_s",
             "knn/knn_top1_k5",
-            "attention/jaccard_mean",
+            "attention/jaccard_best_head_per_object",
+            "attention/jaccard_head_mean_mask",
             "attention/jaccard_head0",
             "attention/jaccard_object_brighter",
             "attention/jaccard_object_darker",
@@ -272,8 +279,9 @@ def test_report_from_a_real_run(healthy_run, capsys, tmp_path):
     assert report_main([str(out)]) == 0
     text = capsys.readouterr().out
     assert "steps:          15" in text and "best k-NN:" in text and "warnings:       0" in text
-    assert "attention Jaccard: " in text and "(head mean, epoch 2 (3 completed))" in text
-    assert "without a model: " in text and "for the other masks' mean" in text
+    assert "attention Jaccard: " in text
+    assert "(best head per object, the paper's rule, epoch 2 (3 completed))" in text
+    assert "without a model, by the paper's rule: " in text and "for the other masks' mean" in text
     png = out / "report.png"
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
     assert report_main([str(out / "nope")]) == 2
@@ -281,12 +289,16 @@ def test_report_from_a_real_run(healthy_run, capsys, tmp_path):
     old = tmp_path / "old"
     old.mkdir()
     rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
-    for r in rows:
+    for r in rows:  # as logged before the references and the paper's rule: the head-mean mask as "mean"
         r.pop("references", None)
+        if r["kind"] == "jaccard":
+            r["mean"] = r.pop("head_mean_mask")
+            del r["best_head_per_object"]
     (old / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert report_main([str(old)]) == 0
     text = capsys.readouterr().out
     assert "attention Jaccard: " in text and "without a model" not in text
+    assert "(head-mean mask, logged before the paper's rule, epoch 2 (3 completed))" in text
 
 
 def _observed(teacher: torch.Tensor, features: torch.Tensor) -> dict[str, float]:
@@ -319,7 +331,7 @@ def test_detector_fires_on_constructed_outputs_through_the_metrics():
 
 
 @pytest.mark.slow
-def test_a_run_whose_teacher_goes_uniform_warns(tiny_data, tmp_path):
+def test_a_run_whose_teacher_goes_uniform_warns(tiny_data, tmp_path, one_thread):
     # A teacher temperature of 10 flattens the centred teacher output (logits within [-1, 1]) to uniform.
     result = train(
         load_config(

@@ -15,7 +15,7 @@ from dino_train.models import build_backbone, build_student_teacher
 from dino_train.runtime.files import CheckpointError, with_prefix
 from dino_train.train import train
 from dino_train.train.checkpoint import export_backbone
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 pytestmark = pytest.mark.slow
 

@@ -4,8 +4,6 @@ is SIGKILLed resumes from the checkpoint and ends where the uninterrupted run en
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import uuid
@@ -15,8 +13,7 @@ import pytest
 import torch
 
 from dino_train.runtime.distributed import free_port
-from tests.conftest import REPO, tiny_overrides
-from tests.test_faults import descendants
+from tests.helpers import ENV, REPO, kill_tree, tiny_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
@@ -24,12 +21,7 @@ RANK_SCRIPT = str(REPO / "tests" / "elastic_rank.py")
 # Without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, a restarted group can read the previous attempt's gloo
 # addresses from the rendezvous store the agents share (pytorch/pytorch#135712): "connectFullMesh
 # failed ... Connection refused". The README's elastic launch sets it too.
-ENV = {
-    **os.environ,
-    "OMP_NUM_THREADS": "1",
-    "PYTHONPATH": str(REPO),
-    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-}
+ELASTIC_ENV = {**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 STEPS = 4
 # 4 processes on 2 cores: batch 2 per rank (8 per step, 5 steps per epoch), one thread each.
 EXTRA = (
@@ -69,7 +61,7 @@ def run_agents(nnodes: int, nproc: int, out: Path, data: Path, kill: tuple[int, 
         subprocess.Popen(
             agent_cmd(nnodes, node, nproc, endpoint, run_id, *args),
             cwd=REPO,
-            env=ENV,
+            env=ELASTIC_ENV,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -82,9 +74,9 @@ def run_agents(nnodes: int, nproc: int, out: Path, data: Path, kill: tuple[int, 
             stdout, stderr = p.communicate(timeout=240)
             results.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
     finally:
-        for p in procs:  # torchrun starts its workers in sessions of their own: end them one by one
-            for pid in descendants(p.pid) if p.poll() is None else []:
-                os.kill(pid, signal.SIGKILL)
+        for p in procs:
+            if p.poll() is None:
+                kill_tree(p)
     return results
 
 

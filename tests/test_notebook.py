@@ -13,9 +13,10 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from tests.helpers import REPO
+
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "examples" / "dino_quickstart.ipynb"
 KERNEL = "dino-train-tests"
 

@@ -1,6 +1,7 @@
-"""The successors' objectives inside the training loop: each option trains and logs its term, their
-state (iBOT's patch center and mask token, registers) is checkpointed, and a resumed run with all of
-them on ends bit-identical to one that never stopped."""
+"""The objective's dinov2 / iBOT options (Sinkhorn-Knopp, KoLeo, iBOT, registers) inside the training
+loop: each option trains and logs its term, their state (iBOT's patch center and mask token, registers)
+is checkpointed, and a resumed run with all of them on ends bit-identical to one that never stopped.
+(The terms by themselves: tests/test_sinkhorn_koleo_ibot.py.)"""
 
 import json
 
@@ -9,7 +10,7 @@ import torch
 
 from dino_train.config import load_config
 from dino_train.train import train
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 pytestmark = pytest.mark.slow
 

@@ -15,6 +15,7 @@ from dino_train.runtime.precision import (
     pick_cpu_precision,
     resolve_precision,
 )
+from tests.helpers import fork_ranks
 
 CPU = torch.device("cpu")
 
@@ -62,5 +63,5 @@ def _broadcast_rank(rank: int, port: int, results) -> None:
 def test_broadcast_from_main_gives_every_rank_rank_0s_value() -> None:
     # What train() relies on when ranks measured different speeds: both train in rank 0's precision.
     results = mp.Manager().dict()
-    mp.spawn(_broadcast_rank, args=(D.free_port(), results), nprocs=2, join=True)
+    fork_ranks(_broadcast_rank, D.free_port(), results)
     assert dict(results) == {0: 10, 1: 10}

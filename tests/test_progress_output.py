@@ -11,8 +11,7 @@ import termios
 import pytest
 
 from dino_train.models import build_backbone
-from tests.conftest import REPO
-from tests.hardening_helpers import ENV
+from tests.helpers import ENV, REPO
 
 
 def test_the_bar_draws_only_on_a_terminal_outside_slurm(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from dino_train.models import backbone_spec, build_backbone, build_from_spec
 from dino_train.models.loading import load_backbone
 from dino_train.train import train
 from dino_train.train.checkpoint import export_backbone
-from tests.conftest import REPO, tiny_overrides
+from tests.helpers import REPO, tiny_overrides
 
 
 def release_pos_embed(pos: torch.Tensor, h: int, w: int, p: int) -> torch.Tensor:
@@ -168,13 +168,15 @@ def test_demo_checkpoints_load_strictly_into_the_release_layout(tiny_data, tmp_p
             torch.testing.assert_close(ours(x), release.backbone(x), rtol=1e-5, atol=1e-5)
 
 
-def test_epoch_checkpoints_are_named_as_the_release_names_them(tiny_data, tmp_path):
-    """saveckp_freq=1: checkpoint0000.pth after the first epoch, as the release's ``checkpoint{epoch:04}``
-    with the 0-based epoch just finished; its ``epoch`` entry is the next epoch, as in the release."""
-    train(load_config(None, tiny_overrides(tiny_data, tmp_path, "train.saveckp_freq=1")))
-    kept = sorted(p.name for p in tmp_path.glob("checkpoint0*.pth"))
+@pytest.mark.slow
+def test_epoch_checkpoints_are_named_as_the_release_names_them(tiny_run):
+    """saveckp_freq=1 (the shared run's 2 epochs): checkpoint0000.pth after the first epoch, as the
+    release's ``checkpoint{epoch:04}`` with the 0-based epoch just finished; its ``epoch`` entry is the
+    next epoch, as in the release."""
+    out, _ = tiny_run
+    kept = sorted(p.name for p in out.glob("checkpoint0*.pth"))
     assert kept == ["checkpoint0000.pth", "checkpoint0001.pth"]
-    assert torch.load(tmp_path / "checkpoint0000.pth", weights_only=True)["epoch"] == 1
+    assert torch.load(out / "checkpoint0000.pth", weights_only=True)["epoch"] == 1
 
 
 def test_format_1_optimizer_states_are_reordered_on_resume(tiny_data, tmp_path):

@@ -5,8 +5,7 @@ and the release's plain argparse args still load without trust."""
 import argparse
 import builtins
 import pathlib
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,8 +21,7 @@ from dino_train.runtime.files import (
 from dino_train.runtime.safe_load import safe_torch_load
 from dino_train.train import train
 from dino_train.train.checkpoint import CheckpointManager, load_file
-from tests.conftest import REPO, tiny_overrides
-from tests.hardening_helpers import ENV, training_state
+from tests.helpers import tiny_overrides, training_state
 
 
 class Payload:
@@ -88,10 +86,18 @@ def test_every_loader_refuses_a_pickled_global(tmp_path, kind):
     assert not marker.exists()
 
 
-def refused_by_every_cli(tmp_path: Path, bad: Path) -> dict[str, list[str]]:
-    """Each evaluation tool's command line on ``bad``, with inputs that would otherwise get it past the
-    checks made before the checkpoint is read."""
+def refused_by_every_cli(
+    tmp_path: Path, bad: Path
+) -> dict[str, tuple[Callable[[list[str]], int], list[str]]]:
+    """Each evaluation tool's ``main`` (what ``python -m <tool>`` runs) and its command line on ``bad``,
+    with inputs that would otherwise get it past the checks made before the checkpoint is read."""
     from PIL import Image
+
+    from eval.attention.cli import main as attention_main
+    from eval.attention.visualize import main as visualize_main
+    from eval.export import main as export_main
+    from eval.knn.cli import main as knn_main
+    from eval.linear.cli import main as linear_main
 
     for folder in ("data", "masks"):
         (tmp_path / folder).mkdir()
@@ -99,35 +105,31 @@ def refused_by_every_cli(tmp_path: Path, bad: Path) -> dict[str, list[str]]:
     ckpt = ["--checkpoint", str(bad), "--device", "cpu"]
     out = ["--output-dir", str(tmp_path / "out")]
     return {
-        "eval_knn": ["-m", "eval.knn", *ckpt, "--data", str(tmp_path / "data"), "--num-workers", "0"],
-        "eval_linear": ["-m", "eval.linear", *ckpt, "--data", str(tmp_path / "data"), *out],
-        "visualize_attention": ["-m", "eval.attention.visualize", *ckpt, "--input", str(tmp_path / "img.png")]
-        + ["--output", str(tmp_path / "vis")],
-        "eval_attention": ["-m", "eval.attention", *ckpt, "--images", str(tmp_path / "data")]
-        + ["--masks", str(tmp_path / "masks"), *out],
-        "dino-export": ["-m", "eval.export", "--checkpoint", str(bad), "--format", "safetensors"]
-        + ["--output", str(tmp_path / "export")],
+        "eval_knn": (knn_main, [*ckpt, "--data", str(tmp_path / "data"), "--num-workers", "0"]),
+        "eval_linear": (linear_main, [*ckpt, "--data", str(tmp_path / "data"), *out]),
+        "visualize_attention": (
+            visualize_main,
+            [*ckpt, "--input", str(tmp_path / "img.png"), "--output", str(tmp_path / "vis")],
+        ),
+        "eval_attention": (
+            attention_main,
+            [*ckpt, "--images", str(tmp_path / "data"), "--masks", str(tmp_path / "masks"), *out],
+        ),
+        "dino-export": (
+            export_main,
+            ["--checkpoint", str(bad), "--format", "safetensors", "--output", str(tmp_path / "export")],
+        ),
     }
 
 
-@pytest.mark.slow
-def test_the_clis_refuse_it(tmp_path):
+def test_the_clis_refuse_it(tmp_path, capsys, one_thread):
     marker = tmp_path / "marker"
     bad = evil_checkpoint(tmp_path / "bad.pth", marker, "exec")
-    procs = {
-        name: subprocess.Popen(
-            [sys.executable, *args],
-            cwd=REPO,
-            env=ENV,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for name, args in refused_by_every_cli(tmp_path, bad).items()
-    }
-    for name, proc in procs.items():
-        _, err = proc.communicate(timeout=600)  # five interpreters start at once on a shared machine
-        assert proc.returncode == 2, f"{name} exited {proc.returncode}: {err[-1500:]}"
+    for name, (main, argv) in refused_by_every_cli(tmp_path, bad).items():
+        with pytest.raises(SystemExit) as stop:  # an input error: one line on stderr, exit status 2
+            main(argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2, f"{name} exited {stop.value.code}: {err[-1500:]}"
         last = err.strip().splitlines()[-1]
         assert last.startswith(f"error: {bad} holds a pickled builtins.exec,"), f"{name}: {err[-1500:]}"
         assert "--trust-checkpoint" in last and "Traceback" not in err, f"{name}: {err[-1500:]}"
@@ -144,6 +146,7 @@ def test_the_notebook_api_refuses_it(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_model_init_weights_refuses_it_and_the_run_does_not_start(tiny_data, tmp_path, one_thread):
     """A real run told to start from the file, which fits its model: only the pickle is at fault."""
     marker = tmp_path / "marker"

@@ -14,7 +14,7 @@ from dino_train.runtime.files import (
     check_writable_dir,
 )
 from dino_train.train.checkpoint import CheckpointManager
-from tests.hardening_helpers import training_state
+from tests.helpers import training_state
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from dino_train.data.make_shards import main as make_shards
 from dino_train.data.shard_index import load_shard_index, pass_shards
 from dino_train.data.shards import ShardStream, build_shard_loader
 from dino_train.train import train
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 CROPS = (32, (0.4, 1.0), 2, 16, (0.05, 0.4))  # MultiCropAugmentation's arguments, as in tiny_overrides
 

@@ -1,5 +1,6 @@
-"""The objectives of DINO's successors: Sinkhorn-Knopp targets, KoLeo, the iBOT patch loss and its center,
-and blockwise masks. Hand-computed values, and two gloo processes against one process on the joined batch."""
+"""The objective's dinov2 / iBOT terms by themselves: Sinkhorn-Knopp targets, KoLeo, the iBOT patch loss
+and its center, and blockwise masks. Hand-computed values, and two gloo processes against one process on
+the joined batch. (The same options inside the training loop: tests/test_objectives.py.)"""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dino_train.core.centering import sinkhorn_knopp
 from dino_train.core.ibot import (
@@ -21,6 +21,7 @@ from dino_train.core.ibot import (
 from dino_train.core.koleo import koleo_loss, koleo_per_crop
 from dino_train.models.masking import block_mask, place_block, sample_masks
 from dino_train.runtime.distributed import free_port
+from tests.helpers import fork_ranks
 
 # ---------------------------------------------------------------- Sinkhorn-Knopp
 
@@ -243,7 +244,7 @@ def _dist_worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> dict[int, dict[str, torch.Tensor]]:
     out = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_dist_worker, args=(free_port(), str(out)), nprocs=2, join=True)
+    fork_ranks(_dist_worker, free_port(), str(out))
     return {r: torch.load(out / f"rank{r}.pt") for r in (0, 1)}
 
 

@@ -18,7 +18,7 @@ import pytest
 from dino_train.config import load_config
 from launch.slurm import TrainSummary, main, submit_train
 from launch.slurm_resources import SlurmResources
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 from tests.slurm_cluster import LocalSlurm, SlurmUnavailable, start_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
@@ -97,6 +97,7 @@ def test_dino_run_through_submitit(slurm, tiny_data, tmp_path):
     assert _final_state(slurm, str(sub.job.job_id)) == "COMPLETED"
 
 
+@pytest.mark.dist
 def test_two_tasks_form_one_process_group(slurm, tiny_data, tmp_path, monkeypatch):
     # Rank, world size and master address come from Slurm's variables (no torchrun); the job inherits
     # this environment, so a free port keeps it clear of any other session's jobs on this machine.

@@ -1,19 +1,17 @@
 """End-to-end training runs on the CPU: resume exactness, torchrun, two gloo processes, CLI errors."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from dino_train.config import load_config
-from dino_train.runtime.distributed import free_port
+from dino_train.main import main as cli_main
 from dino_train.train import train
-from tests.conftest import REPO, tiny_overrides
+from tests.helpers import REPO, tiny_overrides, torchrun
 
-pytestmark = pytest.mark.slow
+# Tiny models: one torch thread in this process (the processes the tests start get one each, too).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def run(data, out, *extra):
@@ -27,8 +25,9 @@ def assert_same_state(a, b):
         assert torch.equal(sa[k], sb[k]), k
 
 
-def test_stopped_and_resumed_runs_end_with_identical_weights(tiny_data, tmp_path):
-    full = run(tiny_data, tmp_path / "full")
+def test_stopped_and_resumed_runs_end_with_identical_weights(tiny_run, tiny_data, tmp_path):
+    # The uninterrupted run is the shared one (tiny_overrides, one thread); these runs are on one thread too.
+    _, full = tiny_run
     assert full.step == 10 and full.epoch == 2  # 40 images / batch 8 = 5 steps per epoch
     # Stop after one epoch, resume; stop mid-epoch (step 7), resume: workers differ too (0 vs 2).
     first = run(tiny_data, tmp_path / "resumed", "train.max_steps=5")
@@ -45,9 +44,8 @@ def test_stopped_and_resumed_runs_end_with_identical_weights(tiny_data, tmp_path
     assert not torch.equal(full.center, torch.zeros_like(full.center))  # the center did move
 
 
-def test_run_outputs_and_checkpoint_layout(tiny_data, tmp_path):
-    out = tmp_path / "run"
-    run(tiny_data, out, "train.epochs=1", "optim.warmup_epochs=0")
+def test_run_outputs_and_checkpoint_layout(tiny_run):
+    out, _ = tiny_run  # 2 epochs of 5 steps
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     for key in ("student", "teacher", "optimizer", "epoch", "dino_loss", "config"):
         assert key in ckpt
@@ -57,14 +55,14 @@ def test_run_outputs_and_checkpoint_layout(tiny_data, tmp_path):
         and "backbone.blocks.0.attn.qkv.weight" in ckpt["teacher"]
     )
     assert ckpt["dino_loss"]["center"].shape == (1, 64)
-    assert ckpt["epoch"] == 1 and "fp16_scaler" not in ckpt
+    assert ckpt["epoch"] == 2 and "fp16_scaler" not in ckpt
     backbone = torch.load(out / "teacher_backbone.pth", weights_only=True)
     assert "cls_token" in backbone and not any(k.startswith(("backbone.", "head.")) for k in backbone)
     assert (out / "config.yaml").is_file()
     records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     lines = [x for x in records if x["kind"] == "step"]
-    assert [x["step"] for x in lines] == [1, 2, 3, 4, 5]
-    assert [x["skipped_files"] for x in records if x["kind"] == "epoch"] == [0]
+    assert [x["step"] for x in lines] == list(range(1, 11))
+    assert [x["skipped_files"] for x in records if x["kind"] == "epoch"] == [0, 0]
     assert all(x["loss"] > 0 and x["images_per_s"] > 0 for x in lines)
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
@@ -83,26 +81,7 @@ def test_frozen_last_layer_does_not_move_in_first_epoch(tiny_data, tmp_path):
     assert not torch.equal(s.head.mlp[0].weight, res.student.head.mlp[0].weight)
 
 
-def torchrun(nproc, *args, timeout=300):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        f"--master_port={free_port()}",
-        *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def test_torchrun_main_end_to_end(tiny_data, tmp_path):
-    out = tmp_path / "tr"
-    proc = torchrun(1, "dino_train/main.py", *tiny_overrides(tiny_data, out, "train.max_steps=3"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 3
-
-
+@pytest.mark.dist
 def test_two_gloo_processes_agree_on_teacher_and_center(tiny_data, tmp_path):
     out = tmp_path / "ddp"
     script = REPO / "tests" / "rank_dump.py"
@@ -128,19 +107,23 @@ def test_two_gloo_processes_agree_on_teacher_and_center(tiny_data, tmp_path):
         (["model.patch_size=7"], "data.global_crops_size"),
     ],
 )
-def test_cli_errors_name_the_cause_before_compute(tiny_data, tmp_path, extra, key):
+def test_cli_errors_name_the_cause_before_compute(tiny_data, tmp_path, extra, key, capsys):
+    # main.py's main() in this process: what `python dino_train/main.py` exits with (torchrun runs the
+    # script itself in the tests above).
     out = tmp_path / "bad"
-    cmd = [sys.executable, "dino_train/main.py", *tiny_overrides(tiny_data, out), *extra]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert key in proc.stderr and "Traceback" not in proc.stderr
+    assert cli_main([*tiny_overrides(tiny_data, out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert key in err and "Traceback" not in err
     assert not (out / "checkpoint.pth").exists()
 
 
-def test_resume_with_another_world_size_continues_by_samples_seen(tiny_data, tmp_path):
+@pytest.mark.dist
+def test_torchrun_main_end_to_end_then_resume_with_another_world_size(tiny_data, tmp_path):
+    # dino_train/main.py under torchrun: 1 process x 8 images for 3 steps (24 samples seen), then 2.
     out = tmp_path / "rescale"
-    first = run(tiny_data, out, "train.max_steps=3")  # 1 process x 8 images: 24 samples seen
-    assert first.step == 3
+    proc = torchrun(1, "dino_train/main.py", *tiny_overrides(tiny_data, out, "train.max_steps=3"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 3
     proc = torchrun(2, "dino_train/main.py", *tiny_overrides(tiny_data, out, "train.max_steps=4"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "schedules continue by samples seen, at step 2" in proc.stdout  # 24 / (2 x 8) = 1.5 -> 2
