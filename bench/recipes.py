@@ -100,12 +100,15 @@ def _fmt(v: object) -> str:
     return f"{v:.1f}" if isinstance(v, float) else str(v)
 
 
-def print_table(rows: list[dict]) -> None:
+def print_table(rows: list[dict], only_present: bool = False) -> None:
+    """The sweep's table; ``only_present``: without the columns no row has (bench.transfer's rows have
+    no training columns)."""
     from eval.scorecard import JACCARD, JACCARD_HEAD_MEAN  # with the scores, which loaded torch already
 
     cols = ["name", "steps", "seconds", "loss", "teacher_entropy_ratio", "k-NN k=20", "linear probe",
             JACCARD, "Jaccard, object brighter", "Jaccard, object darker", JACCARD_HEAD_MEAN,
             "warnings"]  # fmt: skip
+    cols = [c for c in cols if not only_present or any(c in r for r in rows)]
     cells = [[_fmt(r.get(c, "-")) for c in cols] for r in rows]
     widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
     print("  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             fresh = random_backbone(load_config(path.parent / "config.yaml"))
             rows.append({"name": "random init", **score_backbone(fresh, root, SIZE, verbose=False)})
         rows.append({"name": str(path), **score_backbone(model.eval(), root, SIZE, verbose=i == 0)})
-        print_table(rows)
+        print_table(rows, only_present=True)
     write_result(args.json, rows)
     return 0
 

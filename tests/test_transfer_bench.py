@@ -34,7 +34,7 @@ def test_the_set_is_deterministic_and_every_val_image_has_a_mask(tmp_path):
         assert set(np.unique(mask)) == {0, 1}
 
 
-def test_scores_a_backbone_next_to_raw_pixels(tmp_path, backbone_file):
+def test_scores_a_backbone_next_to_raw_pixels(tmp_path, backbone_file, capsys):
     out = tmp_path / "transfer.json"
     assert (
         main(
@@ -42,6 +42,10 @@ def test_scores_a_backbone_next_to_raw_pixels(tmp_path, backbone_file):
         )
         == 0
     )
+    header = next(
+        line for line in capsys.readouterr().out.splitlines() if "raw pixels" not in line and "name" in line
+    )
+    assert "Jaccard, paper's rule" in header and "steps" not in header  # no training columns
     rows = {r["name"]: r for r in json.loads(out.read_text())}
     assert set(rows) == {"raw pixels", str(backbone_file)}  # no config.yaml beside it: no random row
     scored = rows[str(backbone_file)]
