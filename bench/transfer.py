@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from bench.args import RESULTS, add_json, write_result
+from dino_train.data.embedded_objects import _ring  # the embedded set's own regular-polygon points
 
 SIZE, SS = 64, 2  # drawn at 2x, box-filtered down: smooth edges, masks of the visible pixels
 PER_CLASS = {"train": 60, "val": 30}  # images per class and split
@@ -36,14 +37,9 @@ def _polygon(points: np.ndarray) -> list[tuple[float, float]]:
     return [(float(x), float(y)) for x, y in points]
 
 
-def _ring(n: int, start: float = 0.0) -> np.ndarray:
-    t = start + np.arange(n) * 2 * math.pi / n
-    return np.stack([np.cos(t), np.sin(t)], 1)
-
-
 _SHAPES: dict[str, np.ndarray] = {
-    "pentagon": _ring(5, -math.pi / 2),
-    "octagon": _ring(8, math.pi / 8),
+    "pentagon": _ring(5, start=-math.pi / 2),
+    "octagon": _ring(8, start=math.pi / 8),
     "ell": np.array([(-0.7, -0.9), (-0.2, -0.9), (-0.2, 0.4), (0.8, 0.4), (0.8, 0.9), (-0.7, 0.9)]),
     "tee": np.array([(-0.9, -0.9), (0.9, -0.9), (0.9, -0.4), (0.25, -0.4), (0.25, 0.9), (-0.25, 0.9),
                      (-0.25, -0.4), (-0.9, -0.4)]),
@@ -69,7 +65,7 @@ def _draw(name: str, rng: np.random.Generator) -> np.ndarray:
             inner = r * rng.uniform(0.45, 0.6)
             draw.ellipse([*(centre - inner), *(centre + inner)], fill=0)
         else:  # crescent: a disc with an offset disc cut away
-            off = r * rng.uniform(0.4, 0.6) * _ring(1, rng.uniform(0, 2 * math.pi))[0]
+            off = r * rng.uniform(0.4, 0.6) * _ring(1, start=rng.uniform(0, 2 * math.pi))[0]
             draw.ellipse([*(centre + off - r), *(centre + off + r)], fill=0)
     return np.asarray(img) > 127
 
@@ -142,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
             fresh = random_backbone(load_config(path.parent / "config.yaml"))
             rows.append({"name": "random init", **score_backbone(fresh, root, SIZE, verbose=False)})
-        rows.append({"name": str(path), **score_backbone(model.eval(), root, SIZE, verbose=i == 0)})
+        rows.append({"name": str(path), **score_backbone(model, root, SIZE, verbose=i == 0)})
         print_table(rows, only_present=True)
     write_result(args.json, rows)
     return 0
