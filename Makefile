@@ -22,7 +22,7 @@ demo-long: $(STAMP)
 	$(PY) -m launch.demo --long
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadscope
 
 bench: $(STAMP)
 	$(PY) -m bench

@@ -2,13 +2,15 @@
 below it) and gives a teacher whose k-NN and linear-probe accuracy on the held-out split beat a randomly
 initialised backbone of the same shape, with the collapse detector quiet.
 
-Only the first third of the demo's schedule runs (310 of its 992 steps, ~3 min on 2 cores). Measured in
-`make demo` (2026-12-05, 2-core AMD EPYC): the DINO loss 8.2 at step 150, 7.5 at step 300 (ln 4096 =
-8.32), k-NN k=20 52.6 at step 248 against 26.4 for random init.
+Only the first quarter of the demo's schedule runs (250 of its 992 steps). The loss sits at ln K for about
+175 steps, then falls. Measured in the demo's own run (2026-12-07, 2-core AMD EPYC, fp32): the mean DINO
+loss over steps 201-250 was 7.80 (ln 4096 = 8.32; the test asks for below 8.07), and k-NN k=20 56.6 at
+step 248 against 26.4 for random init.
 """
 
 import json
 import math
+import os
 
 import pytest
 
@@ -20,7 +22,10 @@ from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow
 
-STEPS = 310
+STEPS = 250
+# Both cores when alone; one under `make test`'s two xdist workers, where the other worker holds the second
+# (two threads there were oversubscribed: the run took 602 s against 280 s alone).
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +38,7 @@ def demo_half(tmp_path_factory):
             f"data.path={root / 'train'}",
             f"train.output_dir={tmp / 'run'}",
             f"train.max_steps={STEPS}",
-            "train.num_threads=2",
+            f"train.num_threads={THREADS}",
             "train.progress_bar=false",
         ],
     )
@@ -52,7 +57,7 @@ def test_demo_loss_leaves_the_ln_k_plateau(demo_half):
     rows = [json.loads(x) for x in (result.output_dir / "log.jsonl").read_text().splitlines()]
     losses = [r["loss_dino"] for r in rows if r["kind"] == "step" and r["step"] > STEPS - 50]
     ln_k = math.log(4096)  # configs/demo.yaml's out_dim; a flat teacher and student give exactly ln K
-    assert sum(losses) / len(losses) < ln_k - 0.4, losses
+    assert sum(losses) / len(losses) < ln_k - 0.25, losses
 
 
 def test_dino_teacher_beats_random_init_on_knn(demo_half):

@@ -54,7 +54,9 @@ def test_the_papers_rule_and_the_head_mean_mask_differ_and_average_per_image(mon
     maps = iter([attn, miss])
 
     # The rule is under test, not a ViT: the maps come from the hand-made heads.
-    monkeypatch.setattr(J, "cls_attention_maps", lambda model, images, block=-1: next(maps)[None])
+    monkeypatch.setattr(
+        J, "cls_attention_maps", lambda model, images, block=-1: torch.stack([next(maps) for _ in images])
+    )
     monkeypatch.setattr(J, "vit_patch_size", lambda model: 1)
     model = torch.nn.Linear(1, 1)  # only its parameters' device is read
     images = [torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4)]

@@ -118,7 +118,9 @@ COLOUR_CASES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("name, ours, pil, max_levels, mean_levels", COLOUR_CASES, ids=lambda c: str(c))
+@pytest.mark.parametrize(
+    "name, ours, pil, max_levels, mean_levels", COLOUR_CASES, ids=[c[0] for c in COLOUR_CASES]
+)
 def test_colour_op_matches_pil(photo, name, ours, pil, max_levels, mean_levels):
     x = pil_to_uint8(photo).float().div(255).unsqueeze(0)
     expected = pil_to_uint8(pil(photo)).float().div(255).unsqueeze(0)
