@@ -103,6 +103,23 @@ def test_fsdp_resumes_at_another_world_size(fsdp_run, tiny_data, tmp_path):
     assert ckpt["world_size"] == 3 and ckpt["step"] == 4 and ckpt["sharded_state"] == "sharded/step00000004"
 
 
+@pytest.mark.slow
+def test_fsdp_bf16_trains_a_batchnorm_head(tiny_data, tmp_path):
+    """The demo's head (use_bn_in_head) under FSDP's bf16: its BatchNorm once died in the teacher's forward
+    ("expected scalar type BFloat16 but found Float": bf16 weights, fp32 running statistics)."""
+    out = tmp_path / "bn"
+    over = tiny_overrides(tiny_data, out, *EXTRA, "train.sharding=fsdp", "train.max_steps=2")
+    over += ["train.precision=bf16", "model.use_bn_in_head=true"]
+    proc = torchrun(2, "dino_train/main.py", *over, timeout=600)
+    assert proc.returncode == 0, _both_ends(proc.stderr)
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["step"] == 2
+    norm = {k: v for k, v in ckpt["teacher"].items() if k.startswith("head.mlp.1.")}
+    assert norm["head.mlp.1.weight"].dtype == torch.float32  # the master weights stay fp32
+    assert int(norm["head.mlp.1.num_batches_tracked"]) > 0  # it ran, and in training mode
+    assert torch.isfinite(norm["head.mlp.1.running_var"]).all()
+
+
 @pytest.mark.parametrize(
     "extra, key",
     [

@@ -31,6 +31,7 @@ from dino_train.config import Config
 from dino_train.config.fields import ConfigError
 from dino_train.runtime.files import CheckpointError
 
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # timm's BatchNormAct2d is one
 SHARDED_KEY = "sharded_state"  # in checkpoint.pth: the folder (relative) of the run's sharded state
 
 
@@ -73,6 +74,14 @@ def shard_model(model: nn.Module, precision: str) -> None:
     # unit's parameters in its forward() only.
     for head in [model.head] + ([model.patch_head] if hasattr(model, "patch_head") else []):
         units += [part for part in head.children() if any(True for _ in part.parameters())]
+    # BatchNorm (the head's use_bn) keeps fp32 parameters: FSDP would cast its weight to bf16 while its
+    # running statistics, buffers, stay fp32, and batch_norm refuses the mix. Its own unit with an fp32
+    # policy casts its input up instead, as autocast does for batch_norm without FSDP; the next Linear's
+    # autocast takes the output back to bf16.
+    norms = [m for m in model.modules() if isinstance(m, _NORMS)]
+    keep = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    for norm in norms if precision == "bf16" else []:
+        fully_shard(norm, mp_policy=keep)
     for unit in units:
         fully_shard(unit, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
