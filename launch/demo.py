@@ -21,6 +21,7 @@ import torch
 
 from dino_train.config import Config, ConfigError, knn_sizes, load_config, position_grid_size
 from dino_train.data import DataError, generate_embedded_dataset
+from dino_train.data.embedded import VERSIONS
 from dino_train.measure.jaccard import describe_references
 from dino_train.models import build_from_spec, model_spec
 from dino_train.runtime.cli import HelpFormatter
@@ -51,10 +52,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--data-version",
         type=int,
-        choices=(1, 2),
+        choices=VERSIONS,
         default=1,
         help="the embedded data set's version: 1 shapes and textures (the measured demos), 2 objects with "
-        "their own patterns on class-free backgrounds (docs/embedded-data.md)",
+        "their own patterns on class-free backgrounds, 3 the same larger on backgrounds shared by every "
+        "class (docs/embedded-data.md)",
     )
     p.add_argument("--skip-eval", "--skip-knn", action="store_true", help="no comparison with random init")
     p.add_argument("--no-progress", action="store_true", help="plain lines only (train.progress_bar=false)")

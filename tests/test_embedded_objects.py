@@ -1,6 +1,7 @@
-"""The object-centric embedded data set (version 2, dino_train.data.embedded_objects) and that version 1
-stays as it was: determinism, masks that match the objects, balance, a mask for every val image, a
-background that says nothing of the class, and objects brighter or darker than their surroundings at random.
+"""The object-centric embedded data sets (versions 2 and 3, dino_train.data.embedded_objects) and that
+version 1 stays as it was: determinism, masks that match the objects, balance, a mask for every val image, a
+background that says nothing of the class, objects brighter or darker than their surroundings at random, and
+version 3's backgrounds drawn from a shared pool.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from dino_train.data.embedded import (
     classes_for,
     generate_embedded_dataset,
 )
-from dino_train.data.embedded_objects import OBJECT_CLASSES, render_objects
+from dino_train.data.embedded_backgrounds import background
+from dino_train.data.embedded_objects import OBJECT_CLASSES, STYLES, render_objects
 from dino_train.measure.masks import load_mask, object_ids, paired_files
 
 _LUMA = np.array([0.299, 0.587, 0.114])
@@ -43,13 +45,13 @@ def _dilate(mask: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-@pytest.fixture(scope="module")
-def rendered() -> list[tuple[int, np.ndarray, np.ndarray]]:
+@pytest.fixture(scope="module", params=[2, 3], ids=["v2", "v3"])
+def rendered(request) -> list[tuple[int, np.ndarray, np.ndarray]]:
     """(class, RGB float (64, 64, 3), label map) for _PER_CLASS images of every class at 64 px."""
     out = []
     for c in range(len(OBJECT_CLASSES)):
         for i in range(_PER_CLASS):
-            img, labels = render_objects(c, np.random.default_rng([123, c, i]), 64)
+            img, labels = render_objects(c, np.random.default_rng([123, c, i]), 64, STYLES[request.param])
             out.append((c, np.asarray(img, dtype=np.float64), labels))
     return out
 
@@ -65,14 +67,16 @@ def test_render_is_deterministic_and_seeds_differ() -> None:
         render_objects(len(OBJECT_CLASSES), np.random.default_rng(0), 64)
 
 
-def test_generate_v2_is_byte_identical_balanced_and_every_val_image_has_a_mask(tmp_path: Path) -> None:
-    kw = {"image_size": 32, "train_per_class": 2, "val_per_class": 3, "version": 2}
+@pytest.mark.parametrize("version", [2, 3])
+def test_generate_is_byte_identical_balanced_and_every_val_image_has_a_mask(tmp_path: Path, version) -> None:
+    kw = {"image_size": 32, "train_per_class": 2, "val_per_class": 3, "version": version}
     a, b = generate_embedded_dataset(tmp_path / "a", **kw), generate_embedded_dataset(tmp_path / "b", **kw)
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
     manifest = json.loads((a / "manifest.json").read_text())
-    assert manifest["version"] == 2 and manifest["classes"] == list(OBJECT_CLASSES) == list(classes_for(2))
+    assert manifest["version"] == version
+    assert manifest["classes"] == list(OBJECT_CLASSES) == list(classes_for(version))
     assert sorted(p.name for p in (a / "train").iterdir()) == sorted(OBJECT_CLASSES)
     for split, count in (("train", 2), ("val", 3)):  # class balance: the same count in every class
         assert {len(list((a / split / c).glob("*.png"))) for c in OBJECT_CLASSES} == {count}
@@ -107,7 +111,25 @@ def test_v1_is_unchanged_and_versions_replace_each_other(tmp_path: Path) -> None
     generate_embedded_dataset(tmp_path / "a", **kw)
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
     with pytest.raises(ValueError):
-        generate_embedded_dataset(tmp_path / "c", **kw, version=3)
+        generate_embedded_dataset(tmp_path / "c", **kw, version=4)
+
+
+def test_v3_backgrounds_come_from_a_shared_pool() -> None:
+    """Version 3's backgrounds: the same pool for any image drawing them, ``pool`` of each polarity, all of
+    them used; version 2's (pool 0) are new for every image."""
+    pool = STYLES[3].pool
+    for brighter in (True, False):
+        drawn = {}
+        for i in range(8 * pool):
+            luma, rgb = background(np.random.default_rng([7, i]), 32, brighter, pool)
+            drawn.setdefault(hashlib.sha256(rgb.tobytes()).hexdigest(), luma)
+        assert len(drawn) == pool  # fixed seeds: 320 draws that hit every one of the 40
+        again = background(np.random.default_rng([7, 0]), 32, brighter, pool)[1]
+        assert hashlib.sha256(again.tobytes()).hexdigest() in drawn
+        fresh = {background(np.random.default_rng([7, i]), 32, brighter)[1].tobytes() for i in range(50)}
+        assert len(fresh) == 50
+        bands = [luma.mean() for luma in drawn.values()]  # the polarity's band: room for the gap
+        assert (min(bands) > 95.0) if not brighter else (max(bands) < 160.0)
 
 
 def test_masks_match_the_objects(rendered: list) -> None:

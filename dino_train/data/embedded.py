@@ -13,7 +13,8 @@ Layout written by :func:`generate_embedded_dataset`::
     root/val_masks/<shape class>/<i:05d>.png (the object mask of each val image of a shape class)
 
 ``version=2`` writes the object-centric set of ``dino_train.data.embedded_objects`` (docs/embedded-data.md)
-in the same layout, with a label map (0 background, 1, 2 one id per object) for every val image.
+in the same layout, with a label map (0 background, 1, 2 one id per object) for every val image;
+``version=3`` the same objects, larger, on backgrounds from a pool shared by every class.
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dino_train.data.embedded_objects import OBJECT_CLASSES, render_objects
+from dino_train.data.embedded_objects import OBJECT_CLASSES, STYLES, render_objects
 from dino_train.runtime.files import write_json
 
 FORMAT_VERSION = 3  # 3: val_masks/ holds the object masks of the shape classes' val images
 EMBEDDED_CLASSES: tuple[str, ...] = (
     "circle", "square", "triangle", "star", "cross", "ring", "hexagon", "stripes", "checkerboard", "dots",
 )  # fmt: skip
+VERSIONS = (1, 2, 3)
 _GENERATOR = "dino_train.data.embedded"
 _SPLITS = ("train", "val")
 _SUPERSAMPLE = 2  # masks are drawn at 2x and box-downsampled: cheap anti-aliasing of edges
@@ -152,9 +154,10 @@ def render(class_name: str, rng: np.random.Generator, image_size: int) -> tuple[
 
 
 def classes_for(version: int) -> tuple[str, ...]:
-    """The class names of data set ``version``: 1 the shapes and textures above, 2 the object classes."""
-    if version not in (1, 2):
-        raise ValueError(f"unknown embedded data set version {version}; expected 1 or 2")
+    """The class names of data set ``version``: 1 the shapes and textures above, 2 and 3 the object
+    classes."""
+    if version not in VERSIONS:
+        raise ValueError(f"unknown embedded data set version {version}; expected one of {VERSIONS}")
     return EMBEDDED_CLASSES if version == 1 else OBJECT_CLASSES
 
 
@@ -206,8 +209,8 @@ def generate_embedded_dataset(
     ``image_size`` is the side in pixels; ``*_per_class`` are image counts per class and split. Same arguments
     give byte-identical PNGs. An existing complete data set with the same parameters is left untouched; one
     with different parameters (ours, per its manifest) is replaced. Anything else at ``root`` is an error,
-    so a mistyped path never deletes user data. ``version`` 2 is the object-centric set (every val image
-    with a label map); a folder of the other version is replaced.
+    so a mistyped path never deletes user data. ``version`` 2 and 3 are the object-centric sets (every val
+    image with a label map); a folder of another version is replaced.
     """
     if image_size < 16 or train_per_class < 1 or val_per_class < 0 or seed < 0:
         raise ValueError(
@@ -243,7 +246,7 @@ def generate_embedded_dataset(
                         image, mask = render(name, rng, image_size)
                         labels = mask.astype(np.uint8) * 255 if name in SHAPE_CLASSES else None
                     else:  # label maps by id (1, 2): 255 would read as VOC void beside other ids
-                        image, ids = render_objects(class_idx, rng, image_size)
+                        image, ids = render_objects(class_idx, rng, image_size, STYLES[version])
                         labels = ids.astype(np.uint8)
                     image.save(folder / f"{i:05d}.png", format="PNG")
                     if split == "val" and labels is not None:
@@ -280,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-per-class", type=int, default=200)
     parser.add_argument("--val-per-class", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--version", type=int, default=1, choices=(1, 2), help="2: object-centric objects")
+    parser.add_argument(
+        "--version", type=int, default=1, choices=VERSIONS,
+        help="1 shapes and textures; 2 object-centric objects; 3 the same on shared backgrounds",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     root = generate_embedded_dataset(
         args.out, args.image_size, args.train_per_class, args.val_per_class, args.seed, args.version

@@ -10,12 +10,13 @@ docs/embedded-data.md."""
 
 from __future__ import annotations
 
-import colorsys
 import math
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
+
+from dino_train.data.embedded_backgrounds import background, noise, polygon_mask, tint
 
 
 class _Kind(NamedTuple):
@@ -39,74 +40,22 @@ _KINDS: dict[str, _Kind] = {
 }
 OBJECT_CLASSES: tuple[str, ...] = tuple(_KINDS)
 _SS = 2  # objects are drawn at 2x and box-downsampled: cheap anti-aliasing of outlines and patterns
-_RADIUS = (0.16, 0.36)  # circumradius / image side, log-uniform: the centred prior stays far below v1's
+
+
+class Style(NamedTuple):
+    """What versions 2 and 3 differ in (docs/embedded-data.md)."""
+
+    radius: tuple[float, float]  # circumradius / image side, log-uniform
+    pool: int  # backgrounds per polarity shared by all images (embedded_backgrounds); 0: one per image
+
+
+# Version 2: sizes that keep the centred prior far below version 1's, a background per image. Version 3:
+# backgrounds from a shared pool, and larger objects (RADIUS_V3).
+STYLES = {2: Style((0.16, 0.36), 0), 3: Style((0.2, 0.4), 40)}
 _P_SECOND, _P_OCCLUDER = 0.25, 0.15
 _GAP = (60.0, 90.0)  # |object - surroundings| mean luma: visible in greyscale whatever the colours
 _OBJECT_LUMA = (35.0, 220.0)  # object mean luma stays here so its pattern's two tones stay in gamut
-# Background luma band when the object will be brighter / darker: room for the full gap either way.
-_BAND = {True: (15.0, 160.0), False: (95.0, 240.0)}
-_LUMA = np.array([0.299, 0.587, 0.114])
 _Box = tuple[slice, slice]
-
-
-def _tint(luma: np.ndarray, hue: float, sat: float) -> np.ndarray:
-    """(..., 3) RGB with exactly ``luma`` (Rec. 601) and the given hue; the chroma ``sat`` asks for is cut
-    to what the gamut allows at that luma, so the luminance, which the contrast guarantee is about, holds."""
-    d = np.array(colorsys.hsv_to_rgb((hue % 360.0) / 360.0, 1.0, 1.0)) - 0.5
-    d = d - d @ _LUMA  # a zero-luma offset of that hue: adding it changes the colour only
-    d /= np.abs(d).max()
-    luma = np.clip(luma, 0.0, 255.0)
-    # The channel with the largest positive (negative) offset is the first to leave [0, 255].
-    room = np.minimum((255.0 - luma) / max(d.max(), 1e-6), luma / max(-d.min(), 1e-6))
-    return luma[..., None] + np.minimum(sat * 110.0, room)[..., None] * d
-
-
-def _resize(field: np.ndarray, shape: tuple[int, int], method: int = Image.BICUBIC) -> np.ndarray:
-    img = Image.fromarray(field.astype(np.float32), "F").resize((shape[1], shape[0]), method)
-    return np.asarray(img, dtype=np.float64)
-
-
-def _noise(rng: np.random.Generator, shape: tuple[int, int], cells: int) -> np.ndarray:
-    """Smooth value noise in [0, 1] of ``shape``: a random (cells+1)^2 grid upsampled bicubically."""
-    return np.clip(_resize(rng.random((cells + 1, cells + 1)), shape), 0.0, 1.0)
-
-
-def _polygon_mask(points: np.ndarray, side: int) -> np.ndarray:
-    img = Image.new("L", (side, side), 0)
-    ImageDraw.Draw(img).polygon([(float(x), float(y)) for x, y in points], fill=255)
-    return np.asarray(img) > 0
-
-
-def _background(rng: np.random.Generator, n: int, brighter: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(luma (n, n), RGB (n, n, 3)) from one of three families that no class uses; nothing here depends
-    on the class: only the luma band depends on the polarity, itself drawn independently of it."""
-    family = int(rng.integers(3))
-    yy, xx = np.mgrid[0:n, 0:n] / n
-    if family == 0:  # smooth gradient, linear or radial, two colours mixed along another direction
-        a, b = rng.uniform(0, 2 * math.pi, size=2)
-        ramp = xx * math.cos(a) + yy * math.sin(a)
-        luma = -np.hypot(xx - rng.random(), yy - rng.random()) if rng.random() < 0.5 else ramp
-        luma = luma + 0.06 * _noise(rng, (n, n), 6)
-        mix = 0.5 + (xx - 0.5) * math.cos(b) + (yy - 0.5) * math.sin(b)
-    elif family == 1:  # multi-scale noise clutter: the octaves' weights differ per image
-        weights = rng.dirichlet(np.ones(4))
-        luma = sum(w * _noise(rng, (n, n), c) for w, c in zip(weights, (2, 4, 8, 16), strict=True))
-        mix = _noise(rng, (n, n), 3)
-    else:  # fragments: noise-textured patches of random size, level and colour, blurred by resampling
-        luma, mix = 0.5 * _noise(rng, (n, n), 2), _noise(rng, (n, n), 2)
-        for _ in range(int(rng.integers(3, 8))):
-            centre, radius = rng.random(2) * n, rng.uniform(0.12, 0.35) * n
-            angles = np.sort(rng.uniform(0, 2 * math.pi, size=int(rng.integers(3, 7))))
-            corners = np.stack([np.cos(angles), np.sin(angles)], 1) * rng.uniform(0.5, 1.0, (len(angles), 1))
-            patch = _polygon_mask(centre + corners * radius, n)
-            texture = rng.uniform(0.0, 0.6) + 0.4 * _noise(rng, (n, n), int(rng.integers(6, 20)))
-            luma, mix = np.where(patch, texture, luma), np.where(patch, rng.random(), mix)
-        luma, mix = (_resize(_resize(f, (n // 4, n // 4), Image.BOX), (n, n)) for f in (luma, mix))
-    (low, high), width = _BAND[brighter], rng.uniform(50.0, 125.0)
-    luma = rng.uniform(low, high - width) + width * (luma - luma.min()) / max(np.ptp(luma), 1e-6)
-    hue_a, hue_b, sat = *rng.uniform(0, 360, size=2), rng.uniform(0.05, 0.6)
-    mix = np.clip(mix, 0.0, 1.0)[..., None]
-    return luma, _tint(luma, hue_a, sat) * (1.0 - mix) + _tint(luma, hue_b, sat) * mix
 
 
 def _ring(count: int, radius: float | np.ndarray = 1.0, start: float = 0.0) -> np.ndarray:
@@ -195,7 +144,7 @@ def _object(
     rot, aspect = rng.uniform(0, 2 * math.pi), rng.uniform(*kind.aspect)
     rotation = np.array([[math.cos(rot), -math.sin(rot)], [math.sin(rot), math.cos(rot)]])
     points = centre + (_outline(kind.shape, rng) * np.array([1.0, aspect])) @ rotation.T * r
-    mask = _polygon_mask(points, side)
+    mask = polygon_mask(points, side)
     # Surroundings: the background in the annulus just outside the circumcircle, other objects left out.
     near = _bounds(np.stack([centre - 1.45 * r, centre + 1.45 * r]), side)
     yy, xx = np.mgrid[near] + 0.5
@@ -210,7 +159,7 @@ def _object(
     v = (-dx * math.sin(turn) + dy * math.cos(turn)) / unit
     if kind.pattern == "frame":  # the rim: outside the outline shrunk about the centre
         inner = centre + (points - centre) * rng.uniform(0.6, 0.72)
-        tone = mask[box] & ~_polygon_mask(inner, side)[box]
+        tone = mask[box] & ~polygon_mask(inner, side)[box]
     else:
         tone = _pattern(kind, u, v, r / unit, rng)
     # Polarity: the mean luma sits a guaranteed gap above or below the surroundings'; a side the gamut
@@ -225,7 +174,7 @@ def _object(
     inside = mask[box]
     luma += target - float(luma[inside].mean()) if inside.any() else 0.0
     sat, hue_a, hue_b = rng.uniform(0.5, 0.95), *(np.array(kind.hues) + rng.uniform(-12, 12, size=2))
-    rgb = np.where(tone[..., None], _tint(luma, hue_a, sat), _tint(luma, hue_b, sat))
+    rgb = np.where(tone[..., None], tint(luma, hue_a, sat), tint(luma, hue_b, sat))
     return _Layer(mask, box, rgb, object_id, target)
 
 
@@ -242,15 +191,15 @@ def _occluder(rng: np.random.Generator, centre: np.ndarray, r: float, main: _Lay
         spin_m = np.array([[math.cos(spin), -math.sin(spin)], [math.sin(spin), math.cos(spin)]])
         offset = centre + rng.uniform(0.5, 1.0) * r * np.array([math.cos(phi), math.sin(phi)])
         points = offset + shape @ spin_m.T * r
-        mask = _polygon_mask(points, side)
+        mask = polygon_mask(points, side)
         if 0.1 <= (mask & main.mask).sum() / max(int(main.mask.sum()), 1) <= 0.45:
             break
     level = rng.uniform(20.0, 235.0)
     if abs(level - main.luma) < 45.0:  # away from the object's luma, to whichever side has room
         level = main.luma + 45.0 if main.luma + 45.0 <= 235.0 else main.luma - 45.0
     box = _bounds(points, side)
-    luma = level + 30.0 * (_noise(rng, mask[box].shape, int(rng.integers(2, 6))) - 0.5)
-    return _Layer(mask, box, _tint(luma, rng.uniform(0, 360), rng.uniform(0.0, 0.5)), 0, level)
+    luma = level + 30.0 * (noise(rng, mask[box].shape, int(rng.integers(2, 6))) - 0.5)
+    return _Layer(mask, box, tint(luma, rng.uniform(0, 360), rng.uniform(0.0, 0.5)), 0, level)
 
 
 def _place(rng: np.random.Generator, side: int, r: float, avoid: np.ndarray | None) -> np.ndarray:
@@ -261,7 +210,7 @@ def _place(rng: np.random.Generator, side: int, r: float, avoid: np.ndarray | No
 
 
 def render_objects(
-    class_index: int, rng: np.random.Generator, image_size: int
+    class_index: int, rng: np.random.Generator, image_size: int, style: Style = STYLES[2]
 ) -> tuple[Image.Image, np.ndarray]:
     """One RGB image (image_size x image_size) whose main object is of class ``class_index`` (an index
     into ``OBJECT_CLASSES``) and its label map (image_size, image_size) int64: 0 background (distractor
@@ -271,9 +220,9 @@ def render_objects(
         raise ValueError(f"class_index must be in [0, {len(OBJECT_CLASSES)}); got {class_index}")
     side, brighter = image_size * _SS, bool(rng.random() < 0.5)
     # The background is smooth: drawn at 1x, repeated to 2x, so the final box filter gives it back exactly.
-    luma_1x, rgb_1x = _background(rng, image_size, brighter)
+    luma_1x, rgb_1x = background(rng, image_size, brighter, style.pool)
     bg_luma, rgb = (np.repeat(np.repeat(a, _SS, 0), _SS, 1) for a in (luma_1x, rgb_1x))
-    r = side * math.exp(rng.uniform(*np.log(_RADIUS)))
+    r = side * math.exp(rng.uniform(*np.log(style.radius)))
     centre = _place(rng, side, r, None)
     layers: list[_Layer] = []
     taken = np.zeros((side, side), dtype=bool)  # pixels of objects already placed
