@@ -154,8 +154,7 @@ def render(class_name: str, rng: np.random.Generator, image_size: int) -> tuple[
 
 
 def classes_for(version: int) -> tuple[str, ...]:
-    """The class names of data set ``version``: 1 the shapes and textures above, 2 and 3 the object
-    classes."""
+    """The class names of data set ``version``: 1 the shapes and textures above, 2 and 3 the objects'."""
     if version not in VERSIONS:
         raise ValueError(f"unknown embedded data set version {version}; expected one of {VERSIONS}")
     return EMBEDDED_CLASSES if version == 1 else OBJECT_CLASSES
@@ -283,10 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-per-class", type=int, default=200)
     parser.add_argument("--val-per-class", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--version", type=int, default=1, choices=VERSIONS,
-        help="1 shapes and textures; 2 object-centric objects; 3 the same on shared backgrounds",
-    )  # fmt: skip
+    help_v = "1 shapes and textures; 2 object-centric objects; 3 the same on shared backgrounds"
+    parser.add_argument("--version", type=int, default=1, choices=VERSIONS, help=help_v)
     args = parser.parse_args(argv)
     root = generate_embedded_dataset(
         args.out, args.image_size, args.train_per_class, args.val_per_class, args.seed, args.version
