@@ -93,6 +93,10 @@ def train(cfg: Config) -> TrainResult:
     try:
         with stop:
             result = Run(cfg, ctx, stop).run(note)
+        # Tear the group down together: a rank that destroyed it while another was still writing its last
+        # checkpoint once aborted at exit ("terminate called without an active exception"). Only on the
+        # way out of a run that ended well: after a failure the peers may be gone, and a barrier would hang.
+        D.barrier()
     except RuntimeError as err:
         if ctx.env.world_size == 1 or not _is_peer_failure(err):
             raise
