@@ -40,6 +40,15 @@ def tiny_data(tmp_path_factory) -> Path:
     )
 
 
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory) -> list[Path]:
+    """Eight photo-like 120 x 90 JPEGs (gradients, shapes, noise): every hue and edge the tensor
+    augmentation's ops touch."""
+    from bench.data_pipeline import make_jpegs
+
+    return make_jpegs(tmp_path_factory.mktemp("photos"), 8, size=(120, 90))
+
+
 @pytest.fixture(scope="module")
 def backbone_file(tmp_path_factory) -> Path:
     """A random ViT-Tiny/8 (32 px grid) saved as a backbone-only file, as ``teacher_backbone.pth`` is."""

@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from dino_train.models import build_backbone
 from eval.knn import cli as knn_eval
 from eval.linear import cli as linear_eval
 from tests.helpers import torchrun
@@ -200,23 +199,6 @@ def test_eval_linear_torchrun_matches_one_process(tiny_data, backbone_file, tmp_
         torch.testing.assert_close(two[k], v, atol=1e-5, rtol=1e-4)
     res = json.loads((tmp_path / "two" / "linear_results.json").read_text())
     assert res["total_batch"] == 8
-
-
-def test_probe_features_layout():
-    from eval.linear.model import backbone_tokens, variant_features
-
-    torch.manual_seed(0)
-    model = build_backbone("vit_tiny", patch_size=8, img_size=32).eval()
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        tokens = backbone_tokens(model, x, 3)
-        torch.testing.assert_close(tokens[:, 2], model(x))  # the last CLS token is the usual feature
-    assert tokens.shape == (2, 4, 192)
-    assert torch.equal(variant_features(tokens, 2, False), torch.cat([tokens[:, 1], tokens[:, 2]], 1))
-    # n=1 with avgpool interleaves CLS and mean patch token, the release's layout for its ViT-B probes.
-    interleaved = variant_features(tokens, 1, True)
-    assert torch.equal(interleaved[:, 0::2], tokens[:, 2]) and torch.equal(interleaved[:, 1::2], tokens[:, 3])
-    assert variant_features(tokens, 3, True).shape == (2, 4 * 192)
 
 
 @pytest.mark.slow

@@ -1,10 +1,12 @@
-"""The probes' standardisation (the scorecard's, ``eval_linear --standardize``, ``dino.linear_probe``):
-the train split's statistics by hand, the saved probe on raw features, and the property that makes it
-worth doing (a dimension's scale no longer decides the probe)."""
+"""The probes' features and their standardisation (the scorecard's, ``eval_linear --standardize``,
+``dino.linear_probe``): the release's token layout, the train split's statistics by hand, the saved probe
+on raw features, and the property that makes it worth doing (a dimension's scale no longer decides the
+probe)."""
 
 import torch
 
 import dino
+from dino_train.models import build_backbone
 from eval.linear.model import feature_stats
 
 
@@ -43,3 +45,20 @@ def test_a_dimension_s_scale_does_not_decide_the_standardised_probe():
     assert raw < 80.0, raw  # what the scorecard measured before it standardised
     # The returned classifier takes raw features: its predictions score what training reported.
     assert std.accuracy == 100.0 * (std.predict(va) == yva).float().mean().item()
+
+
+def test_probe_features_layout():
+    from eval.linear.model import backbone_tokens, variant_features
+
+    torch.manual_seed(0)
+    model = build_backbone("vit_tiny", patch_size=8, img_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = backbone_tokens(model, x, 3)
+        torch.testing.assert_close(tokens[:, 2], model(x))  # the last CLS token is the usual feature
+    assert tokens.shape == (2, 4, 192)
+    assert torch.equal(variant_features(tokens, 2, False), torch.cat([tokens[:, 1], tokens[:, 2]], 1))
+    # n=1 with avgpool interleaves CLS and mean patch token, the release's layout for its ViT-B probes.
+    interleaved = variant_features(tokens, 1, True)
+    assert torch.equal(interleaved[:, 0::2], tokens[:, 2]) and torch.equal(interleaved[:, 1::2], tokens[:, 3])
+    assert variant_features(tokens, 3, True).shape == (2, 4 * 192)
