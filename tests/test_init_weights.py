@@ -108,3 +108,21 @@ def test_a_file_that_does_not_fit_is_refused_by_name(tiny_data, tmp_path, one_th
         train(cfg)
     assert "model (192,), file (384,)" in str(err.value)
     assert not (tmp_path / "r" / "checkpoint.pth").exists()
+
+
+def test_frozen_backbone_epochs_train_the_fresh_head_only(tiny_data, tmp_path, one_thread):
+    """Continued pretraining from a backbone without its head: with train.freeze_backbone_epochs=1 the
+    student's and the teacher's backbones are exactly the file's after the first epoch; in the second the
+    backbone trains, and the head goes on training."""
+    path, backbone, _ = _release_backbone(tmp_path, tiny_data)
+    out = tmp_path / "run"
+    over = [f"model.init_weights={path}", "train.freeze_backbone_epochs=1", "train.saveckp_freq=1"]
+    res = train(load_config(None, tiny_overrides(tiny_data, out, SHALLOW, *over)))
+    first = torch.load(out / "checkpoint0000.pth", weights_only=True)  # after epoch 0 (5 steps)
+    for part, prefix in (("student", "module."), ("teacher", "")):  # the release's layout: DDP's student
+        for k, v in backbone.items():
+            assert torch.equal(first[part][f"{prefix}backbone.{k}"], v), (part, k)
+    fresh = res.teacher.head.state_dict()  # the head at the end, against the head after epoch 0 ...
+    assert any(not torch.equal(first["teacher"][f"head.{k}"], fresh[k]) for k in fresh)
+    last = res.teacher.backbone.state_dict()  # ... and the backbone, which trained in epoch 1
+    assert any(not torch.equal(last[k], v) for k, v in backbone.items())

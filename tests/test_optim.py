@@ -6,7 +6,7 @@ from dino_train.models import DINOHead, MultiCropWrapper, build_backbone
 from dino_train.train.optim import (
     apply_step_values,
     build_optimizer,
-    cancel_last_layer_grads,
+    cancel_frozen_grads,
     clip_gradients,
     param_groups,
 )
@@ -82,9 +82,9 @@ def test_clipping_is_per_parameter():
 def test_last_layer_frozen_in_first_epochs_only():
     model = tiny_model(norm_last_layer=False)
     model([torch.randn(2, 3, 32, 32)]).sum().backward()
-    cancel_last_layer_grads(model, epoch=1, freeze_last_layer=1)
+    cancel_frozen_grads(model, epoch=1, freeze_last_layer=1)
     assert model.head.last_layer.weight_v.grad is not None
-    cancel_last_layer_grads(model, epoch=0, freeze_last_layer=1)
+    cancel_frozen_grads(model, epoch=0, freeze_last_layer=1)
     assert model.head.last_layer.weight_v.grad is None and model.head.last_layer.weight_g.grad is None
     assert model.head.mlp[0].weight.grad is not None
     # AdamW then leaves the prototypes exactly as they were, weight decay included.

@@ -153,6 +153,10 @@ class TrainConfig:
     keep_last: int = setting(3, at_least(1))  # rolling checkpoints kept for resume
     log_every_steps: int = setting(10, at_least(1))
     max_steps: int = setting(0, at_least(0))  # stop (with a checkpoint) after this many steps; 0: none
+    # Continued pretraining from a backbone without its DINO head (model.init_weights): the backbone gets no
+    # update for this many first epochs while the fresh head and prototypes learn (LightlyTrain's advice;
+    # dinov2 #204: a released backbone unfrozen at once under a fresh head lost most of its k-NN).
+    freeze_backbone_epochs: int = setting(0, at_least(0))
     # Memory levers: the batch as this many micro-batches (center and teacher updated once per step),
     # and activations recomputed per block in the backward pass instead of kept.
     accumulation_steps: int = setting(1, at_least(1))

@@ -139,6 +139,7 @@ class Run:
             cfg.optim.freeze_last_layer,
             cfg.train.accumulation_steps,
             D.all_reduce_sum,
+            cfg.train.freeze_backbone_epochs,
         )
         self.manager = CheckpointManager(self.out, cfg.train.keep_last)
         self.notes: list[str] = []

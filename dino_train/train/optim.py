@@ -107,11 +107,15 @@ def clip_gradients(params: Iterable[torch.nn.Parameter], clip: float) -> torch.T
     return norms
 
 
-def cancel_last_layer_grads(model: nn.Module, epoch: int, freeze_last_layer: int) -> None:
-    """During the first ``freeze_last_layer`` epochs the prototypes get no update at all (grad None
-    makes AdamW skip them: no decay, no moment update)."""
-    if epoch >= freeze_last_layer:
+def cancel_frozen_grads(
+    model: nn.Module, epoch: int, freeze_last_layer: int, freeze_backbone: int = 0
+) -> None:
+    """During the first ``freeze_last_layer`` epochs the prototypes, and during the first
+    ``freeze_backbone`` epochs the backbone, get no update at all (grad None makes AdamW skip them: no
+    decay, no moment update). The EMA teacher's copy then stays where it is too."""
+    last, backbone = epoch < freeze_last_layer, epoch < freeze_backbone
+    if not (last or backbone):
         return
     for name, p in model.named_parameters():
-        if "last_layer" in name:
+        if (last and "last_layer" in name) or (backbone and name.startswith("backbone.")):
             p.grad = None

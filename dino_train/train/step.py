@@ -16,7 +16,7 @@ from dino_train.core.schedules import StepValues
 from dino_train.models.wrapper import CropOutputs
 from dino_train.runtime.precision import autocast
 from dino_train.train.objective import LossTerms, Objective
-from dino_train.train.optim import apply_step_values, cancel_last_layer_grads, clip_gradients
+from dino_train.train.optim import apply_step_values, cancel_frozen_grads, clip_gradients
 from dino_train.train.sharding import local_shards, reshard
 
 
@@ -82,6 +82,7 @@ class StepSettings:
     freeze_last_layer: int = 0  # epochs during which the prototypes get no update
     accumulation_steps: int = 1
     all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None  # None: a single process
+    freeze_backbone: int = 0  # epochs during which the backbone gets no update
 
 
 def train_step(
@@ -188,5 +189,5 @@ def _clip_and_check(
     # deciding alone on its own loss could skip a collective the others enter). A non-finite loss makes
     # non-finite gradients, so it is caught here too. One host sync per step.
     finite = bool(torch.isfinite(grad_norm))
-    cancel_last_layer_grads(m.student_plain, epoch, s.freeze_last_layer)
+    cancel_frozen_grads(m.student_plain, epoch, s.freeze_last_layer, s.freeze_backbone)
     return norms, grad_norm, finite
