@@ -50,7 +50,7 @@ class Style(NamedTuple):
 
 
 # Version 2: sizes that keep the centred prior far below version 1's, a background per image. Version 3:
-# backgrounds from a shared pool, and larger objects (RADIUS_V3).
+# backgrounds from a shared pool, and larger objects.
 STYLES = {2: Style((0.16, 0.36), 0), 3: Style((0.2, 0.4), 40)}
 _P_SECOND, _P_OCCLUDER = 0.25, 0.15
 _GAP = (60.0, 90.0)  # |object - surroundings| mean luma: visible in greyscale whatever the colours

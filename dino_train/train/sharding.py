@@ -78,10 +78,10 @@ def shard_model(model: nn.Module, precision: str) -> None:
     # running statistics, buffers, stay fp32, and batch_norm refuses the mix. Its own unit with an fp32
     # policy casts its input up instead, as autocast does for batch_norm without FSDP; the next Linear's
     # autocast takes the output back to bf16.
-    norms = [m for m in model.modules() if isinstance(m, _NORMS)]
-    keep = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
-    for norm in norms if precision == "bf16" else []:
-        fully_shard(norm, mp_policy=keep)
+    if precision == "bf16":
+        keep = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+        for norm in [m for m in model.modules() if isinstance(m, _NORMS)]:
+            fully_shard(norm, mp_policy=keep)
     for unit in units:
         fully_shard(unit, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
