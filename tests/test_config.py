@@ -158,3 +158,14 @@ def test_quoted_strings_and_other_types_still_read_as_yaml():
     assert cfg.data.path == "a b" and cfg.optim.lr == 0.001 and cfg.data.global_crops_scale == (0.3, 1.0)
     with pytest.raises(ConfigError, match="optim.lr"):
         load_config(None, ["data.path=x", "optim.lr=runs/a: b"])
+
+
+def test_an_override_sets_one_entry_of_a_mapping_setting():
+    """``model.timm_kwargs.num_heads=6`` on the long demo's recipe (``timm_kwargs: {depth: 6}``) keeps the
+    depth and passes 6 as a number (it once reached timm as the override's wrapper and failed there)."""
+    cfg = load_config(REPO / "configs" / "demo_long.yaml", DATA + ["model.timm_kwargs.num_heads=6"])
+    assert cfg.model.timm_kwargs == {"depth": 6, "num_heads": 6}
+    cfg = load_config(REPO / "configs" / "demo_long.yaml", DATA + ["model.timm_kwargs={num_heads: 6}"])
+    assert cfg.model.timm_kwargs == {"num_heads": 6}
+    with pytest.raises(ConfigError, match="model.timm_kwargs.depth"):
+        load_config(None, DATA + ["model.timm_kwargs.depth=.inf"])

@@ -111,6 +111,22 @@ class _OverrideText:
         return self.raw if tp is str and not quoted else self.parsed
 
 
+def _has_override(value: Any) -> bool:
+    return isinstance(value, _OverrideText) or (
+        isinstance(value, dict) and any(_has_override(v) for v in value.values())
+    )
+
+
+def _unwrap(value: Any) -> Any:
+    """A mapping built from a command-line key path, with each value read as YAML (inside a mapping
+    setting no schema type says otherwise)."""
+    if isinstance(value, _OverrideText):
+        return value.parsed
+    if isinstance(value, dict):
+        return {k: _unwrap(v) for k, v in value.items()}
+    return value
+
+
 def _apply(section: Any, values: dict[str, Any], prefix: str) -> None:
     hints = typing.get_type_hints(type(section))
     for name, value in values.items():
@@ -120,6 +136,10 @@ def _apply(section: Any, values: dict[str, Any], prefix: str) -> None:
             raise ConfigError(f"unknown key {key!r}; known keys here: {known}")
         if isinstance(value, _OverrideText):
             value = value.for_type(hints[name])
+        elif typing.get_origin(hints[name]) is dict and _has_override(value):
+            # ``model.timm_kwargs.depth=4`` sets one entry and keeps the others (the YAML's ``num_heads``);
+            # ``model.timm_kwargs={depth: 4}`` still replaces the whole mapping.
+            value = {**getattr(section, name), **_unwrap(value)}
         if dataclasses.is_dataclass(hints[name]):
             if not isinstance(value, dict):
                 raise ConfigError(f"{key}: expected a mapping of keys, got {value!r}")
