@@ -5,7 +5,13 @@ Each file is checked as training would read it (``datasets.load_rgb``); one that
 skipped, counted and listed in ``DST/skipped.txt``. The files are shuffled once (``--seed``) before
 packing, so that a shard mixes classes, then written unchanged (no re-encoding) as ``<key>.<ext>`` with
 the class index as ``<key>.cls`` for labelled folders. ``DST/shards.json`` lists every shard with its
-sample count and the class names: the reader takes the counts from it instead of scanning the tars.
+sample count, size in bytes and the class names: the reader takes the counts from it instead of scanning
+the tars, and refuses a shard whose size is not the one listed (changed or cut short since).
+
+Interrupted (kill -9, a full disk) it leaves ``DST/INCOMPLETE`` beside the shards it had begun: the reader
+refuses such a folder, and the same command run again removes what the interrupted run wrote and packs
+it anew, to the same bytes as an uninterrupted run (the order is seeded and the tar headers carry no
+time).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from pathlib import Path
 import webdataset as wds
 
 from dino_train.data.datasets import UNREADABLE, DataError, ImageDataset, load_rgb
-from dino_train.data.shard_index import INDEX_NAME
+from dino_train.data.shard_index import INCOMPLETE_NAME, INDEX_NAME
 from dino_train.runtime.files import atomic_write_text, write_json
 
 SHARD_PATTERN = "shard-%06d.tar"
@@ -63,8 +69,14 @@ def pack_folder(
     data = ImageDataset(src)
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    if any(dst.glob("*.tar")) or (dst / INDEX_NAME).exists():
+    marker = dst / INCOMPLETE_NAME
+    if marker.exists():  # an interrupted run of this command: its files are redone, nothing else
+        for leftover in [*dst.glob("shard-*.tar"), dst / INDEX_NAME, dst / "skipped.txt"]:
+            leftover.unlink(missing_ok=True)
+        print(f"{dst}: removed the shards of an interrupted run; packing again", file=sys.stderr)
+    elif any(dst.glob("*.tar")) or (dst / INDEX_NAME).exists():
         raise DataError(f"{dst} already holds shards; choose an empty folder")
+    atomic_write_text(marker, "dino-make-shards is writing this folder\n")
     samples = list(data.samples)
     random.Random(seed).shuffle(samples)
     per_shard: Counter[str] = Counter()
@@ -88,7 +100,9 @@ def pack_folder(
     shards = sorted(per_shard.items())
     index = {
         "format": "webdataset",
-        "shards": [{"name": name, "samples": count} for name, count in shards],
+        "shards": [
+            {"name": name, "samples": count, "bytes": (dst / name).stat().st_size} for name, count in shards
+        ],
         "samples": sum(per_shard.values()),
         "classes": data.classes,
         "skipped": len(skipped),
@@ -97,6 +111,7 @@ def pack_folder(
     if skipped:
         atomic_write_text(dst / "skipped.txt", "\n".join(skipped) + "\n")
     write_json(dst / INDEX_NAME, index, indent=1)
+    marker.unlink()  # last: until here a reader refuses the folder
     return PackResult(shards, skipped)
 
 

@@ -16,6 +16,7 @@ from webdataset.tariterators import base_plus_ext
 from dino_train.data.datasets import DataError
 
 INDEX_NAME = "shards.json"  # written by dino-make-shards beside the shards: names, sample counts, classes
+INCOMPLETE_NAME = "INCOMPLETE"  # there while dino-make-shards writes the folder (left by a killed run)
 
 
 @dataclass(frozen=True)
@@ -62,15 +63,27 @@ def load_shard_index(path: str) -> ShardIndex:
     missing = [f for f in files if not f.is_file()]
     if missing:
         raise DataError(f"data path {path}: shard {missing[0]} does not exist ({len(missing)} missing)")
-    listed, classes = {}, ()
+    if (files[0].parent / INCOMPLETE_NAME).exists():
+        raise DataError(
+            f"{files[0].parent}: dino-make-shards did not finish writing these shards "
+            f"({INCOMPLETE_NAME} is there); run the same command again to redo them"
+        )
+    listed, sizes, classes = {}, {}, ()
     index_file = files[0].parent / INDEX_NAME
     if index_file.is_file():
         try:
             meta = json.loads(index_file.read_text())
             listed = {e["name"]: int(e["samples"]) for e in meta["shards"]}
+            sizes = {e["name"]: int(e["bytes"]) for e in meta["shards"] if "bytes" in e}  # older: none
             classes = tuple(meta.get("classes", ()))
         except (ValueError, KeyError, TypeError) as err:
             raise DataError(f"{index_file} is not a shard index: {type(err).__name__}: {err}") from err
+    for f in files:
+        if f.name in sizes and f.stat().st_size != sizes[f.name]:
+            raise DataError(
+                f"shard {f} is {f.stat().st_size} bytes where {index_file} lists {sizes[f.name]}: it changed "
+                f"or was cut short after indexing (pack the shards again, or delete {INDEX_NAME} to count them)"
+            )
     counts = [listed[f.name] if f.name in listed else count_samples(f) for f in files]
     kept = [(f, n) for f, n in zip(files, counts, strict=True) if n > 0]
     if not kept:

@@ -56,7 +56,11 @@ def raw_samples(paths: list[Path]) -> Iterator[dict[str, Any]]:
 
     def opened() -> Iterator[dict[str, Any]]:
         for p in paths:
-            with open(p, "rb") as fh:
+            try:
+                fh = open(p, "rb")  # noqa: SIM115 (closed below, after webdataset has read it)
+            except OSError as err:  # removed or unmounted since the index was read
+                raise DataError(f"shard {p} cannot be opened in the middle of the run: {err}") from err
+            with fh:
                 yield {"url": str(p), "stream": fh}
 
     def warn(err: Exception) -> bool:
