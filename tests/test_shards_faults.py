@@ -45,7 +45,15 @@ def test_a_killed_make_shards_is_refused_and_the_same_command_redoes_it(noise_fo
     whole = tmp_path / "whole"
     assert make_shards([str(noise_folder), str(whole), "--shard-size", "1"]) == 0
     cut = tmp_path / "cut"
-    cmd = [sys.executable, "-m", "dino_train.data.make_shards", str(noise_folder), str(cut), "--shard-size", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dino_train.data.make_shards",
+        str(noise_folder),
+        str(cut),
+        "--shard-size",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not (cut / "shard-000003.tar").exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -78,7 +86,9 @@ def test_a_shard_cut_short_or_changed_after_indexing_is_named(packed, tmp_path):
     victim = bad / "shard-000002.tar"
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) // 2])
-    with pytest.raises(DataError, match=f"shard {victim} is {len(data) // 2} bytes where .* lists {len(data)}"):
+    with pytest.raises(
+        DataError, match=f"shard {victim} is {len(data) // 2} bytes where .* lists {len(data)}"
+    ):
         load_shard_index(str(bad))
     # Without the index the shards are counted from their headers: the cut tar is named there.
     (bad / "shards.json").unlink()

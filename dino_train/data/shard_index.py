@@ -82,7 +82,7 @@ def load_shard_index(path: str) -> ShardIndex:
         if f.name in sizes and f.stat().st_size != sizes[f.name]:
             raise DataError(
                 f"shard {f} is {f.stat().st_size} bytes where {index_file} lists {sizes[f.name]}: it changed "
-                f"or was cut short after indexing (pack the shards again, or delete {INDEX_NAME} to count them)"
+                f"or was cut short after indexing (pack them again, or delete {INDEX_NAME} to count them)"
             )
     counts = [listed[f.name] if f.name in listed else count_samples(f) for f in files]
     kept = [(f, n) for f, n in zip(files, counts, strict=True) if n > 0]
