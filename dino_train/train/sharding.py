@@ -30,6 +30,7 @@ from torch.distributed.tensor import DTensor
 from dino_train.config import Config
 from dino_train.config.fields import ConfigError
 from dino_train.runtime.files import CheckpointError
+from dino_train.train.sharded_reader import checked_reader
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # timm's BatchNormAct2d is one
 SHARDED_KEY = "sharded_state"  # in checkpoint.pth: the folder (relative) of the run's sharded state
@@ -134,9 +135,10 @@ def restore_sharded(mods: Any, ckpt: dict[str, Any], path: Path) -> None:
     folder = Path(path).parent / rel
     if not (folder / ".metadata").is_file():
         raise CheckpointError(f"{path} names the sharded state {folder}, which is missing or incomplete")
+    reader = checked_reader(folder)
     state = training_state(mods.student_plain, mods.teacher, mods.optimizer)
     try:
-        dcp.load(state, checkpoint_id=folder)
+        dcp.load(state, storage_reader=reader)
         set_model_state_dict(mods.student_plain, state["student"])
         set_model_state_dict(mods.teacher, state["teacher"])
         set_optimizer_state_dict(mods.student_plain, mods.optimizer, state["optimizer"])
