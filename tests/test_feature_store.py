@@ -62,3 +62,18 @@ def test_patch_tokens_need_a_dump_folder_and_a_vit(backbone_file, tiny_data, tmp
         err.value.code == 2
         and "--patch-tokens writes into the --dump-features DIR" in capsys.readouterr().err
     )
+
+
+def test_a_damaged_store_is_named(backbone_file, tiny_data, tmp_path, one_thread):
+    model, _ = load_backbone(backbone_file)
+    kwargs = {"patch_tokens": True, "image_size": 32, "resize": 32, "progress": False}
+    folder = tmp_path / "store"
+    dino.extract_features(model, tiny_data / "val", out=folder, **kwargs)
+    tokens = folder / "patch_tokens.npy"
+    tokens.write_bytes(tokens.read_bytes()[:-100])  # a copy cut short
+    with pytest.raises(CheckpointError, match=f"{tokens} cannot be read as the store's array.*re-extract"):
+        open_store(folder)
+    meta = folder / "store.json"
+    meta.write_text('{"format": "dino-feature-store", "version": 1}')
+    with pytest.raises(CheckpointError, match="store.json lacks num_images, grid, dim, patch_size, classes"):
+        open_store(folder)

@@ -168,7 +168,12 @@ class FeatureStore:
 
 def _array(folder: Path, name: str) -> Tensor:
     # Copy-on-write: pages are read on use, and a write to the tensor never reaches the file.
-    return torch.from_numpy(np.load(folder / name, mmap_mode="c"))
+    try:
+        return torch.from_numpy(np.load(folder / name, mmap_mode="c", allow_pickle=False))
+    except (OSError, ValueError) as err:  # missing, cut short (numpy checks the size), not .npy
+        raise CheckpointError(
+            f"{folder / name} cannot be read as the store's array: {err}; re-extract"
+        ) from err
 
 
 def open_store(folder: str | Path) -> FeatureStore:
@@ -185,6 +190,9 @@ def open_store(folder: str | Path) -> FeatureStore:
         raise CheckpointError(f"{folder / STORE_FILE} is not readable JSON: {err}") from err
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{folder / STORE_FILE} is not a {FORMAT} description")
+    missing = [k for k in ("num_images", "grid", "dim", "patch_size", "classes") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{folder / STORE_FILE} lacks {', '.join(missing)}; re-extract")
     tokens, feats, labels = (_array(folder, n) for n in (TOKENS_FILE, "features.npy", "labels.npy"))
     n, grid = meta["num_images"], tuple(meta["grid"])
     if tokens.shape != (n, grid[0] * grid[1], meta["dim"]) or len(feats) != n or len(labels) != n:
