@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from dino_train.config.fields import ConfigError, check_fields
 from dino_train.config.schema import Config
 from dino_train.data.transforms import resize_for
-from dino_train.models.backbone import RELEASE_ARCHS, is_known_arch
+from dino_train.models.backbone import RELEASE_ARCHS, is_known_arch, is_vit_name
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -43,6 +43,9 @@ def validate(cfg: Config) -> None:
     )
     if cfg.ibot.loss_weight and cfg.train.accumulation_steps > 1:
         raise ConfigError("ibot.loss_weight: iBOT is not supported with train.accumulation_steps > 1 yet")
+    if m.arch not in RELEASE_ARCHS and not is_vit_name(m.arch):  # a CNN: no tokens to add or mask
+        for key, on in (("model.num_registers", m.num_registers), ("ibot.loss_weight", cfg.ibot.loss_weight)):
+            _check(not on, key, f"needs a ViT's patch tokens; {m.arch} has none (set it to 0)")
     if m.arch in RELEASE_ARCHS:  # a timm model's patch size is known once it is built (models.backbone)
         for key, size in (
             ("model.img_size", position_grid_size(cfg)),

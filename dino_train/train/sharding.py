@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
 from dino_train.config import Config
@@ -85,6 +85,12 @@ def shard_model(model: nn.Module, precision: str) -> None:
             fully_shard(norm, mp_policy=keep)
     for unit in units:
         fully_shard(unit, mp_policy=mp)
+    # iBOT's pass calls the backbone's forward_features and forward_head, not its forward: FSDP gathers
+    # the backbone's own parameters (patch embedding, CLS token, positions, final norm) only in methods
+    # it knows of, and the patch embedding once met its input with its weight still sharded.
+    for method in ("forward_features", "forward_head"):
+        if hasattr(backbone, method):
+            register_fsdp_forward_method(backbone, method)
     fully_shard(model, mp_policy=mp)
 
 
