@@ -261,3 +261,13 @@ def test_the_demos_grid_and_the_measure_read_a_version_2_set(tmp_path):
     res = attention_jaccard(vit, images, masks)
     assert res.objects >= len(images) and len(res.per_object) == res.objects
     assert all(o.object_id in (1, 2) for o in res.per_object)
+
+
+def test_a_mask_of_another_size_than_its_image_is_named(tiny_data, tmp_path):
+    image = next((tiny_data / "val").rglob("*.png"))
+    (tmp_path / "img").mkdir(), (tmp_path / "msk").mkdir()
+    Image.open(image).save(tmp_path / "img" / "a.png")
+    w, h = Image.open(image).size
+    Image.fromarray(np.ones((h + 8, w), np.uint8)).save(tmp_path / "msk" / "a.png")
+    with pytest.raises(ValueError, match=f"a.png is {w}x{h + 8} but its image .*a.png is {w}x{h}"):
+        load_masked_images(tmp_path / "img", tmp_path / "msk", 8)

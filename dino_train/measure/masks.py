@@ -81,6 +81,14 @@ def load_mask(path: Path, size: tuple[int, int], patch: int) -> Tensor:
     return torch.from_numpy(arr[:h, :w].copy())
 
 
+def _mask_size(path: Path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as m:
+            return m.size
+    except OSError as err:
+        raise ValueError(f"{path} is not a readable mask image ({err})") from err
+
+
 def paired_files(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
     """(image, mask) pairs: each mask under ``masks_dir`` at the same relative path as its image (any
     image extension); images without a mask are skipped, and no pair at all is an error."""
@@ -108,6 +116,12 @@ def load_pairs(
     images, masks = [], []
     for img_path, mask_path in pairs:
         img = load_rgb(img_path)
+        stored = _mask_size(mask_path)
+        if stored != img.size:  # another image's mask, or one drawn at another scale: not stretched to fit
+            raise ValueError(
+                f"{mask_path} is {stored[0]}x{stored[1]} but its image {img_path} is "
+                f"{img.size[0]}x{img.size[1]}: a mask must have its image's size"
+            )
         if image_size:
             img = TF.resize(img, image_size, interpolation=BICUBIC)
         images.append(prepare_image(img, None, patch))
