@@ -211,3 +211,22 @@ def test_missing_first_mask_is_a_clean_error(videos, backbone_file, tmp_path, ca
         _run(backbone_file, broken, tmp_path / "out")
     assert exc.value.code == 2
     assert "error: video shapes00: the first frame's mask" in capsys.readouterr().err
+
+
+def test_a_first_mask_of_another_size_or_without_objects(backbone_file, tmp_path, capsys):
+    two = generate_embedded_videos(tmp_path / "two", 2, 3, 32, 48)
+    first = two / "Annotations" / "480p" / "shapes01" / "00000.png"
+    palette = Image.open(first).getpalette()
+    empty = Image.fromarray(np.zeros((32, 48), np.uint8), mode="P")
+    empty.putpalette(palette)
+    empty.save(first)  # shapes01 now starts with no object: left out, named, the other video scored
+    res = _run(backbone_file, two, tmp_path / "out", "--no-video")
+    assert list(res["videos"]) == ["shapes00"] and res["skipped_without_objects"] == ["shapes01"]
+    assert f"video shapes01 skipped: its first mask {first} holds no object" in capsys.readouterr().out
+    wrong = Image.fromarray(np.ones((40, 40), np.uint8), mode="P")
+    wrong.putpalette(palette)
+    wrong.save(first)  # an object, at another size than its frame: an error naming both
+    with pytest.raises(SystemExit) as exc:
+        _run(backbone_file, two, tmp_path / "out2", "--no-video")
+    assert exc.value.code == 2
+    assert f"the first mask {first} is 40x40, its frame" in capsys.readouterr().err

@@ -105,9 +105,14 @@ def segment_video(
     p = patch_size_of(model)
     size = vd.target_size(*first.shape, args.short_side, args.size_multiple, p)
     grid = (size[0] // p, size[1] // p)
-    objects = sorted(int(v) for v in np.unique(first) if v not in (0, VOID_LABEL))
+    objects = vd.object_ids(first)
     seed = vd.labels_on_grid(first, grid)
     frame, rgb = vd.read_frame(video.frames[0], size)
+    if rgb.shape[:2] != first.shape:
+        raise DataError(
+            f"video {video.name}: the first mask {video.masks[0]} is {first.shape[1]}x{first.shape[0]}, "
+            f"its frame {video.frames[0]} {rgb.shape[1]}x{rgb.shape[0]}: a mask must have its frame's size"
+        )
     propagator = LabelPropagator(
         patch_features(model, frame.to(device)), one_hot(seed, max(objects, default=0) + 1), settings
     )
@@ -178,12 +183,21 @@ def _run(args: argparse.Namespace) -> None:
         flush=True,
     )
     start, per_video = time.perf_counter(), {}
+    empty = []
     for i, video in enumerate(videos):
         print(f"[{i + 1}/{len(videos)}] {video.name}: {len(video.frames)} frames", flush=True)
+        if not vd.object_ids(vd.read_labels(video.masks[0])[0]):
+            # Nothing to propagate: the video is left out of the scores (it would count as 0 objects).
+            print(f"warning: video {video.name} skipped: its first mask {video.masks[0]} holds no object")
+            empty.append(video.name)
+            continue
         result = segment_video(model, video, settings, args, device)
         per_video[video.name] = {"frames": len(video.frames), "objects": score(video, result),
                                  "size": result["size"], "input_size": result["input_size"]}  # fmt: skip
-    extra = {"seconds": time.perf_counter() - start, "backbone": backbone_record(info),
+    if not per_video:
+        raise DataError(f"no video of {args.videos} has an object in its first mask")
+    extra = {"seconds": time.perf_counter() - start, "skipped_without_objects": empty,
+             "backbone": backbone_record(info),
              "settings": settings_record(args, device, 1)}  # fmt: skip
     _report(args, per_video, extra)
 

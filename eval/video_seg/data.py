@@ -124,6 +124,11 @@ def read_labels(path: Path) -> tuple[np.ndarray, list[int] | None]:
         raise DataError(f"{path} cannot be read as a mask ({err})") from err
 
 
+def object_ids(labels: np.ndarray) -> list[int]:
+    """The object ids of a label map: every value but background (0) and void (255)."""
+    return sorted(int(v) for v in np.unique(labels) if v not in (0, VOID_LABEL))
+
+
 def labels_on_grid(labels: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """(H, W) labels -> (h, w) by nearest resizing (the release's rule); void becomes background."""
     small = np.array(Image.fromarray(labels).resize((grid[1], grid[0]), Image.NEAREST))
