@@ -169,3 +169,11 @@ def test_an_override_sets_one_entry_of_a_mapping_setting():
     assert cfg.model.timm_kwargs == {"num_heads": 6}
     with pytest.raises(ConfigError, match="model.timm_kwargs.depth"):
         load_config(None, DATA + ["model.timm_kwargs.depth=.inf"])
+
+
+def test_a_file_that_is_not_yaml_is_named_once(tmp_path):
+    bad = tmp_path / "recipe.py"
+    bad.write_text("a: b: c\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad, DATA)
+    assert str(err.value).startswith(f"{bad}: not valid YAML") and str(err.value).count(str(bad)) == 1

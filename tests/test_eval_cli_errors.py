@@ -43,6 +43,11 @@ def test_eval_tools_name_an_unusable_output_dir_before_reading_anything(tmp_path
             f"--output {is_file}",
         ),
         (export.main, [*missing[:2], "--format", "hf", "--output", str(a_file)], f"--output {is_file}"),
+        (  # a threshold outside (0, 1] is named before any folder or checkpoint is read
+            attention_eval.main,
+            [*missing, *images, "--threshold", "1.5"],
+            "--threshold 1.5: the threshold is a share of the mass in (0, 1], the size at least 0",
+        ),
     ]
     for main, argv, expected in cases:
         try:

@@ -181,8 +181,8 @@ def merge_into(cfg: Any, path: str | Path | None, overrides: list[str] | tuple[s
     if path is not None:
         try:
             _apply(cfg, _read_yaml(Path(path)), "")
-        except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from err
+        except ConfigError as err:  # named once: the reader's own errors start with the path already
+            raise (err if str(err).startswith(str(path)) else ConfigError(f"{path}: {err}")) from None
     for text in overrides:
         keys, value = parse_override(text)
         nested: Any = value

@@ -70,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> None:
+    if not 0.0 < args.threshold <= 1.0 or args.image_size < 0:
+        bad = f"--threshold {args.threshold:g}" if args.image_size >= 0 else f"--image-size {args.image_size}"
+        raise ValueError(f"{bad}: the threshold is a share of the mass in (0, 1], the size at least 0")
     for name, folder in (("--images", args.images), ("--masks", args.masks)):
         if not folder.is_dir():
             raise ValueError(f"{name} {folder} is not a folder")
