@@ -11,11 +11,13 @@ step 248 against 26.4 for random init.
 import json
 import math
 import os
+import shutil
 
 import pytest
 
 from dino_train.config import load_config
 from dino_train.data import generate_embedded_dataset
+from dino_train.measure.knn_bank import evaluate_knn
 from dino_train.train import train
 from launch.demo import compare_to_random
 from tests.helpers import REPO
@@ -43,17 +45,17 @@ def demo_half(tmp_path_factory):
         ],
     )
     result = train(cfg)
-    return result, compare_to_random(result.teacher.backbone, cfg, root)
+    return result, compare_to_random(result.teacher.backbone, cfg, root), root
 
 
 def test_demo_run_is_healthy(demo_half):
-    result, _ = demo_half
+    result, _, _ = demo_half
     assert result.step == STEPS
     assert result.warnings == []
 
 
 def test_demo_loss_leaves_the_ln_k_plateau(demo_half):
-    result, _ = demo_half
+    result, _, _ = demo_half
     rows = [json.loads(x) for x in (result.output_dir / "log.jsonl").read_text().splitlines()]
     losses = [r["loss_dino"] for r in rows if r["kind"] == "step" and r["step"] > STEPS - 50]
     ln_k = math.log(4096)  # configs/demo.yaml's out_dim; a flat teacher and student give exactly ln K
@@ -61,14 +63,14 @@ def test_demo_loss_leaves_the_ln_k_plateau(demo_half):
 
 
 def test_dino_teacher_beats_random_init_on_knn(demo_half):
-    _, scores = demo_half
+    _, scores, _ = demo_half
     random, trained = scores["random init"], scores["DINO teacher"]
     assert trained["k-NN k=10"] > random["k-NN k=10"] + 5.0, scores
     assert trained["k-NN k=20"] > random["k-NN k=20"] + 5.0, scores
 
 
 def test_dino_teacher_beats_random_init_on_linear_probe(demo_half):
-    _, scores = demo_half
+    _, scores, _ = demo_half
     assert scores["DINO teacher"]["linear probe"] > scores["random init"]["linear probe"] + 4.0, scores
 
 
@@ -111,3 +113,34 @@ def test_demo_prints_the_attention_references_under_the_jaccard(tiny_data, backb
     at = next(i for i, line in enumerate(lines) if JACCARD in line and "NOT met" in line)
     assert f"{refs[PRIOR]:.1f} for the other masks' mean" in lines[at + 1]
     assert f"{refs[EVEN]:.1f} for attention even on each object" in lines[at + 1]
+
+
+def test_continued_pretraining_from_the_teacher_keeps_its_knn(demo_half, tmp_path):
+    """Continuing self-supervised training from a backbone without its head (dinov2 #204: k-NN fell from
+    80% to about 10% soon after unfreezing a released backbone with a fresh head): the demo's teacher
+    backbone, a fresh head trained alone for the first epoch (train.freeze_backbone_epochs), then everything,
+    keeps its k-NN within a few points of where it started."""
+    result, scores, root = demo_half
+    subset = tmp_path / "subset"
+    for folder in sorted((root / "train").iterdir()):  # 32 images a class: 10 steps an epoch
+        (subset / folder.name).mkdir(parents=True)
+        for f in sorted(folder.iterdir())[:32]:
+            shutil.copy(f, subset / folder.name / f.name)
+    cfg = load_config(
+        REPO / "configs" / "demo.yaml",
+        [
+            f"data.path={subset}",
+            f"train.output_dir={tmp_path / 'more'}",
+            f"model.init_weights={result.output_dir / 'teacher_backbone.pth'}",
+            "train.freeze_backbone_epochs=1",
+            "train.max_steps=30",  # the head alone for 10 steps, then 20 steps of the whole model
+            f"train.num_threads={THREADS}",
+            "train.progress_bar=false",
+        ],
+    )
+    more = train(cfg)
+    assert more.step == 30
+    knn = evaluate_knn(more.teacher.backbone.cpu().float().eval(), root / "train", root / "val", ks=(20,),
+                       resize=64, crop=64, batch_size=128)  # fmt: skip
+    start = scores["DINO teacher"]["k-NN k=20"]
+    assert knn[20][0] > start - 5.0, (knn[20][0], start)
