@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1,
         help="the embedded data set's version: 1 shapes and textures (the measured demos), 2 objects with "
         "their own patterns on class-free backgrounds, 3 the same larger on backgrounds shared by every "
-        "class (docs/embedded-data.md)",
+        "class, 4 version 3 with larger objects (docs/embedded-data.md)",
     )
     p.add_argument("--skip-eval", "--skip-knn", action="store_true", help="no comparison with random init")
     p.add_argument("--no-progress", action="store_true", help="plain lines only (train.progress_bar=false)")

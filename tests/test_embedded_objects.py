@@ -1,7 +1,7 @@
-"""The object-centric embedded data sets (versions 2 and 3, dino_train.data.embedded_objects) and that
+"""The object-centric embedded data sets (versions 2-4, dino_train.data.embedded_objects) and that
 version 1 stays as it was: determinism, masks that match the objects, balance, a mask for every val image, a
 background that says nothing of the class, objects brighter or darker than their surroundings at random, and
-version 3's backgrounds drawn from a shared pool.
+version 3's backgrounds drawn from a shared pool, version 4's larger objects.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _dilate(mask: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["v2", "v3"])
+@pytest.fixture(scope="module", params=[2, 3, 4], ids=["v2", "v3", "v4"])
 def rendered(request) -> list[tuple[int, np.ndarray, np.ndarray]]:
     """(class, RGB float (64, 64, 3), label map) for _PER_CLASS images of every class at 64 px."""
     out = []
@@ -67,7 +67,7 @@ def test_render_is_deterministic_and_seeds_differ() -> None:
         render_objects(len(OBJECT_CLASSES), np.random.default_rng(0), 64)
 
 
-@pytest.mark.parametrize("version", [2, 3])
+@pytest.mark.parametrize("version", [2, 3, 4])
 def test_generate_is_byte_identical_balanced_and_every_val_image_has_a_mask(tmp_path: Path, version) -> None:
     kw = {"image_size": 32, "train_per_class": 2, "val_per_class": 3, "version": version}
     a, b = generate_embedded_dataset(tmp_path / "a", **kw), generate_embedded_dataset(tmp_path / "b", **kw)
@@ -111,7 +111,7 @@ def test_v1_is_unchanged_and_versions_replace_each_other(tmp_path: Path) -> None
     generate_embedded_dataset(tmp_path / "a", **kw)
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
     with pytest.raises(ValueError):
-        generate_embedded_dataset(tmp_path / "c", **kw, version=4)
+        generate_embedded_dataset(tmp_path / "c", **kw, version=5)
 
 
 def test_v3_backgrounds_come_from_a_shared_pool() -> None:
@@ -209,3 +209,23 @@ def test_background_alone_does_not_predict_the_class(rendered: list) -> None:
     on_background, on_whole = _probe_accuracy(background, y), _probe_accuracy(whole, y)
     assert on_background < chance + 0.08, on_background  # 400 images: chance +- 1.5% (one sigma)
     assert on_whole > chance + 0.15, on_whole
+
+
+def test_v3_is_pinned_and_v4_objects_are_larger(tmp_path: Path) -> None:
+    """Version 3's pixels stay those its measurements were made on (docs/experiments.md), and version 4
+    differs from it in the objects' size alone: larger on average, the same classes and layout."""
+    kw = {"image_size": 32, "train_per_class": 1, "val_per_class": 1}
+    known = {3: ("6643e094b600236a", "fc1e62ad2125a5fa"), 4: ("4e0e6af2943a4307", "bb050c63962ed674")}
+    for version, digests in known.items():
+        root = generate_embedded_dataset(tmp_path / f"v{version}", **kw, version=version)
+        for name, digest in zip(
+            ("val/striped_disc/00000.png", f"{MASKS}/wavy_arrow/00000.png"), digests, strict=True
+        ):
+            with Image.open(root / name) as img:
+                assert hashlib.sha256(np.asarray(img).tobytes()).hexdigest()[:16] == digest, (version, name)
+    areas = {
+        v: np.mean([(render_objects(c, np.random.default_rng([5, c, i]), 32, STYLES[v])[1] == 1).mean()
+                    for c in range(len(OBJECT_CLASSES)) for i in range(10)])
+        for v in (3, 4)
+    }  # fmt: skip
+    assert areas[4] > 1.4 * areas[3] and 0.15 < areas[4] < 0.35, areas

@@ -14,7 +14,8 @@ Layout written by :func:`generate_embedded_dataset`::
 
 ``version=2`` writes the object-centric set of ``dino_train.data.embedded_objects`` (docs/embedded-data.md)
 in the same layout, with a label map (0 background, 1, 2 one id per object) for every val image;
-``version=3`` the same objects, larger, on backgrounds from a pool shared by every class.
+``version=3`` the same objects, larger, on backgrounds from a pool shared by every class; ``version=4``
+version 3 with objects larger still.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ FORMAT_VERSION = 3  # 3: val_masks/ holds the object masks of the shape classes'
 EMBEDDED_CLASSES: tuple[str, ...] = (
     "circle", "square", "triangle", "star", "cross", "ring", "hexagon", "stripes", "checkerboard", "dots",
 )  # fmt: skip
-VERSIONS = (1, 2, 3)
+VERSIONS = (1, 2, 3, 4)
 _GENERATOR = "dino_train.data.embedded"
 _SPLITS = ("train", "val")
 _SUPERSAMPLE = 2  # masks are drawn at 2x and box-downsampled: cheap anti-aliasing of edges
@@ -154,7 +155,7 @@ def render(class_name: str, rng: np.random.Generator, image_size: int) -> tuple[
 
 
 def classes_for(version: int) -> tuple[str, ...]:
-    """The class names of data set ``version``: 1 the shapes and textures above, 2 and 3 the objects'."""
+    """The class names of data set ``version``: 1 the shapes and textures above, 2-4 the objects'."""
     if version not in VERSIONS:
         raise ValueError(f"unknown embedded data set version {version}; expected one of {VERSIONS}")
     return EMBEDDED_CLASSES if version == 1 else OBJECT_CLASSES
@@ -208,7 +209,7 @@ def generate_embedded_dataset(
     ``image_size`` is the side in pixels; ``*_per_class`` are image counts per class and split. Same arguments
     give byte-identical PNGs. An existing complete data set with the same parameters is left untouched; one
     with different parameters (ours, per its manifest) is replaced. Anything else at ``root`` is an error,
-    so a mistyped path never deletes user data. ``version`` 2 and 3 are the object-centric sets (every val
+    so a mistyped path never deletes user data. ``version`` 2-4 are the object-centric sets (every val
     image with a label map); a folder of another version is replaced.
     """
     if image_size < 16 or train_per_class < 1 or val_per_class < 0 or seed < 0:
