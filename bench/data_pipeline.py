@@ -73,7 +73,9 @@ def _images(shape: str, folder: Path, n: int) -> Path:
         make_jpegs(folder, n)
         return folder
     per_class = -(-n // 10)
-    root = generate_embedded_dataset(folder / "embedded", 64, train_per_class=per_class, val_per_class=1)
+    root = generate_embedded_dataset(
+        folder / "embedded", 64, train_per_class=per_class, val_per_class=1, version=1
+    )
     flat = folder / "flat"
     flat.mkdir()
     for i, p in enumerate(sorted((root / "train").rglob("*.png"))[:n]):

@@ -36,7 +36,11 @@ def tiny_data(tmp_path_factory) -> Path:
     from dino_train.data import generate_embedded_dataset
 
     return generate_embedded_dataset(
-        tmp_path_factory.mktemp("data") / "embedded", image_size=32, train_per_class=4, val_per_class=2
+        tmp_path_factory.mktemp("data") / "embedded",
+        image_size=32,
+        train_per_class=4,
+        val_per_class=2,
+        version=1,
     )
 
 

@@ -27,8 +27,12 @@ def digest(root):
 
 
 def test_embedded_dataset_is_deterministic_and_idempotent(tmp_path):
-    a = generate_embedded_dataset(tmp_path / "a", image_size=32, train_per_class=3, val_per_class=2)
-    b = generate_embedded_dataset(tmp_path / "b", image_size=32, train_per_class=3, val_per_class=2)
+    a = generate_embedded_dataset(
+        tmp_path / "a", image_size=32, train_per_class=3, val_per_class=2, version=1
+    )
+    b = generate_embedded_dataset(
+        tmp_path / "b", image_size=32, train_per_class=3, val_per_class=2, version=1
+    )
     assert digest(a) == digest(b)
     train, val = ImageDataset(a / "train"), ImageDataset(a / "val")
     assert train.classes == sorted(EMBEDDED_CLASSES) and len(EMBEDDED_CLASSES) == 10
@@ -40,9 +44,11 @@ def test_embedded_dataset_is_deterministic_and_idempotent(tmp_path):
     ).read_bytes()
     first = a / "train" / "circle" / "00000.png"
     mtime = first.stat().st_mtime_ns
-    generate_embedded_dataset(tmp_path / "a", image_size=32, train_per_class=3, val_per_class=2)
+    generate_embedded_dataset(tmp_path / "a", image_size=32, train_per_class=3, val_per_class=2, version=1)
     assert first.stat().st_mtime_ns == mtime  # nothing rewritten
-    c = generate_embedded_dataset(tmp_path / "a", image_size=32, train_per_class=3, val_per_class=2, seed=1)
+    c = generate_embedded_dataset(
+        tmp_path / "a", image_size=32, train_per_class=3, val_per_class=2, version=1, seed=1
+    )
     assert digest(c) != digest(b)  # other parameters regenerate
 
 
@@ -94,7 +100,9 @@ def test_sampler_partitions_and_resumes():
 
 
 def test_multicrop_dataset_is_seeded_per_sample_and_leaves_rng_alone(tmp_path):
-    root = generate_embedded_dataset(tmp_path / "d", image_size=32, train_per_class=2, val_per_class=1)
+    root = generate_embedded_dataset(
+        tmp_path / "d", image_size=32, train_per_class=2, val_per_class=1, version=1
+    )
     ds = MultiCropDataset(
         ImageDataset(root / "train"), MultiCropAugmentation(32, (0.4, 1), 2, 16, (0.05, 0.4)), seed=0
     )
@@ -109,7 +117,9 @@ def test_multicrop_dataset_is_seeded_per_sample_and_leaves_rng_alone(tmp_path):
 
 
 def test_loader_same_batches_whatever_the_workers(tmp_path):
-    root = generate_embedded_dataset(tmp_path / "d", image_size=32, train_per_class=2, val_per_class=1)
+    root = generate_embedded_dataset(
+        tmp_path / "d", image_size=32, train_per_class=2, val_per_class=1, version=1
+    )
     aug = MultiCropAugmentation(32, (0.4, 1), 2, 16, (0.05, 0.4))
     batches = []
     for workers in (0, 2):

@@ -89,7 +89,7 @@ def test_generate_is_byte_identical_balanced_and_every_val_image_has_a_mask(tmp_
 
 
 def test_v1_is_unchanged_and_versions_replace_each_other(tmp_path: Path) -> None:
-    kw = {"image_size": 32, "train_per_class": 3, "val_per_class": 2, "seed": 1}
+    kw = {"image_size": 32, "train_per_class": 3, "val_per_class": 2, "seed": 1, "version": 1}
     a, b = generate_embedded_dataset(tmp_path / "a", **kw), generate_embedded_dataset(tmp_path / "b", **kw)
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
@@ -105,13 +105,13 @@ def test_v1_is_unchanged_and_versions_replace_each_other(tmp_path: Path) -> None
     for name, digest in known.items():
         with Image.open(a / name) as img:
             assert hashlib.sha256(np.asarray(img).tobytes()).hexdigest()[:16] == digest, name
-    generate_embedded_dataset(tmp_path / "a", **kw, version=2)  # a v1 folder becomes v2 and back
+    generate_embedded_dataset(tmp_path / "a", **{**kw, "version": 2})  # a v1 folder becomes v2 and back
     assert json.loads((a / "manifest.json").read_text())["version"] == 2
     assert len(list((a / MASKS).iterdir())) == len(OBJECT_CLASSES)
     generate_embedded_dataset(tmp_path / "a", **kw)
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
     with pytest.raises(ValueError):
-        generate_embedded_dataset(tmp_path / "c", **kw, version=5)
+        generate_embedded_dataset(tmp_path / "c", **{**kw, "version": 5})
 
 
 def test_v3_backgrounds_come_from_a_shared_pool() -> None:
@@ -229,3 +229,16 @@ def test_v3_is_pinned_and_v4_objects_are_larger(tmp_path: Path) -> None:
         for v in (3, 4)
     }  # fmt: skip
     assert areas[4] > 1.4 * areas[3] and 0.15 < areas[4] < 0.35, areas
+
+
+def test_the_default_is_version_4(tmp_path: Path) -> None:
+    """The demos, the API and `python -m dino_train.data.embedded` write version 4 unless told otherwise."""
+    from dino_train.data.embedded import main
+    from launch.demo import parse_args
+
+    assert parse_args([]).data_version == 4
+    small = ["--image-size", "16", "--train-per-class", "1", "--val-per-class", "1"]
+    assert main(["--out", str(tmp_path / "cli"), *small]) == 0
+    api = generate_embedded_dataset(tmp_path / "api", image_size=16, train_per_class=1, val_per_class=1)
+    for root in (tmp_path / "cli", api):
+        assert json.loads((root / "manifest.json").read_text())["version"] == 4

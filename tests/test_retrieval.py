@@ -147,7 +147,7 @@ def copies(tmp_path_factory) -> Path:
     from dino_train.data import generate_embedded_dataset
 
     data = generate_embedded_dataset(
-        tmp_path_factory.mktemp("emb") / "e", 64, train_per_class=6, val_per_class=2
+        tmp_path_factory.mktemp("emb") / "e", 64, train_per_class=6, val_per_class=2, version=1
     )
     root = tmp_path_factory.mktemp("copies")
     rng = np.random.default_rng(0)
