@@ -140,11 +140,12 @@ def _release_wrapper(out_dim: int, hidden: int, use_bn: bool = False) -> nn.Modu
 
 @pytest.mark.slow
 def test_demo_checkpoints_load_strictly_into_the_release_layout(tiny_data, tmp_path, one_thread):
-    """configs/demo_v1.yaml (the demo until 2026-12-07) as a user runs it (global crops of 64 px), two steps, its checkpoint.pth: the
-    teacher (``backbone.*``, ``head.*``) and the DDP student (``module.*``) load with strict=True into the
-    release's ViT-Tiny/16 and DINOHead re-stated from its description: 197 positions whatever the crop
-    size, the head's ``weight_g`` (K, 1) before ``weight_v``; and the release's forward on the loaded
-    teacher gives our backbone's features at the demo's 64 px and at 224 px."""
+    """configs/demo_v1.yaml (the demo until 2026-12-07) as a user runs it (global crops of 64 px), two steps,
+    its checkpoint.pth: the teacher (``backbone.*``, ``head.*``) and the DDP student (``module.*``) load
+    with strict=True into the release's ViT-Tiny/16 and DINOHead re-stated from its description: 197
+    positions whatever the crop size, the head's ``weight_g`` (K, 1) before ``weight_v``; and the
+    release's forward on the loaded teacher gives our backbone's features at the demo's 64 px and at 224
+    px."""
     overrides = [f"data.path={tiny_data / 'train'}", f"train.output_dir={tmp_path}", "train.max_steps=2",
                  "data.num_workers=0", "train.progress_bar=false", "train.precision=fp32"]  # fmt: skip
     cfg = load_config(REPO / "configs" / "demo_v1.yaml", overrides)
