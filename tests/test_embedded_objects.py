@@ -45,7 +45,9 @@ def _dilate(mask: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-@pytest.fixture(scope="module", params=[2, 3, 4], ids=["v2", "v3", "v4"])
+# Versions 3 and 4 (the default): version 2, superseded, keeps its generation test below; its properties
+# were checked here until version 4 came (2026-12-07) and the suite needed the time.
+@pytest.fixture(scope="module", params=[3, 4], ids=["v3", "v4"])
 def rendered(request) -> list[tuple[int, np.ndarray, np.ndarray]]:
     """(class, RGB float (64, 64, 3), label map) for _PER_CLASS images of every class at 64 px."""
     out = []

@@ -39,9 +39,8 @@ def test_two_recipes_are_trained_scored_and_resumed(sweep, tiny_data, tmp_path):
     # "small" trains on 16 px crops but is scored on the whole 32 px image (monitor.knn_crop), as the
     # long demo trains on 48 px crops of 64 px images.
     small = f"small={TINY} data.global_crops_size=16 data.local_crops_size=8 monitor.knn_crop=32"
-    stdout = sweep(
-        tiny_data, tmp_path, "--recipe", f"base={TINY} data.global_crops_size=32", "--recipe", small
-    )
+    base = f"base={TINY} data.global_crops_size=32 monitor.knn_crop=32"
+    stdout = sweep(tiny_data, tmp_path, "--recipe", base, "--recipe", small)
     rows = {r["name"]: r for r in json.loads((tmp_path / "rows.json").read_text())}
     assert set(rows) == {"random init", "base", "small"}
     for name in ("base", "small"):
