@@ -103,10 +103,15 @@ def _fmt(v: object) -> str:
 def print_table(rows: list[dict], only_present: bool = False) -> None:
     """The sweep's table; ``only_present``: without the columns no row has (bench.transfer's rows have
     no training columns)."""
-    from eval.scorecard import JACCARD, JACCARD_HEAD_MEAN  # with the scores, which loaded torch already
+    from eval.scorecard import (  # with the scores, which loaded torch already
+        JACCARD,
+        JACCARD_BRIGHTER,
+        JACCARD_DARKER,
+        JACCARD_HEAD_MEAN,
+    )
 
     cols = ["name", "steps", "seconds", "loss", "teacher_entropy_ratio", "k-NN k=20", "linear probe",
-            JACCARD, "Jaccard, object brighter", "Jaccard, object darker", JACCARD_HEAD_MEAN,
+            JACCARD, JACCARD_BRIGHTER, JACCARD_DARKER, JACCARD_HEAD_MEAN,
             "warnings"]  # fmt: skip
     cols = [c for c in cols if not only_present or any(c in r for r in rows)]
     cells = [[_fmt(r.get(c, "-")) for c in cols] for r in rows]

@@ -19,7 +19,7 @@ from dino_train.data.embedded import MASKS
 from dino_train.data.labelled import class_folders
 from dino_train.data.transforms import resize_for
 from dino_train.measure.features import extract_features
-from dino_train.measure.jaccard import folder_jaccard
+from dino_train.measure.jaccard import BRIGHTER, DARKER, folder_jaccard
 from dino_train.measure.knn_bank import evaluate_knn
 from eval.linear.model import backbone_tokens, default_variant, max_blocks, variant_features
 from eval.linear.train import train_probe_in_memory
@@ -28,6 +28,9 @@ from eval.linear.train import train_probe_in_memory
 # the head-mean attention's mask against the objects, named apart so that no one mistakes one for the other.
 JACCARD = "Jaccard, paper's rule"
 JACCARD_HEAD_MEAN = "Jaccard, head-mean mask"
+# The paper's rule apart over the objects brighter and darker than the rest of their image.
+JACCARD_GROUPS = {BRIGHTER: f"Jaccard, {BRIGHTER}", DARKER: f"Jaccard, {DARKER}"}
+JACCARD_BRIGHTER, JACCARD_DARKER = JACCARD_GROUPS[BRIGHTER], JACCARD_GROUPS[DARKER]
 
 
 def sizes_line(size: int) -> str:
@@ -103,6 +106,6 @@ def score_backbone(model: nn.Module, root: str | Path, size: int, verbose: bool 
     if (root / MASKS).is_dir() and hasattr(model, "blocks"):
         result = folder_jaccard(model, root / "val", root / MASKS)
         scores[JACCARD] = result.best_head_per_object
-        scores.update({f"Jaccard, {group}": j for group, j in result.by_brightness().items()})
+        scores.update({JACCARD_GROUPS[group]: j for group, j in result.by_brightness().items()})
         scores[JACCARD_HEAD_MEAN] = result.head_mean_mask
     return scores

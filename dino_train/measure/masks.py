@@ -67,26 +67,28 @@ def _label_array(img: Image.Image) -> np.ndarray:
     return grey
 
 
-def load_mask(path: Path, size: tuple[int, int], patch: int) -> Tensor:
-    """The label map of a mask file resized like its image (nearest: ids stay ids) to ``size`` (W, H) and
-    cropped to whole patches: (H, W) int64."""
+def _read_labels(path: Path) -> np.ndarray:
+    """A mask file's (H, W) label map, as stored."""
     try:
         with Image.open(path) as m:
-            labels = _label_array(m)
+            return _label_array(m)
     except OSError as err:
         raise ValueError(f"{path} is not a readable mask image ({err})") from err
+
+
+def _fit(labels: np.ndarray, size: tuple[int, int], patch: int) -> Tensor:
+    """``labels`` resized like its image (nearest: ids stay ids) to ``size`` (W, H) and cropped to whole
+    patches: (H, W) int64."""
     resized = Image.fromarray(labels.astype(np.int32), mode="I").resize(size, Image.NEAREST)
     arr = np.asarray(resized, dtype=np.int64)
     h, w = arr.shape[0] - arr.shape[0] % patch, arr.shape[1] - arr.shape[1] % patch
     return torch.from_numpy(arr[:h, :w].copy())
 
 
-def _mask_size(path: Path) -> tuple[int, int]:
-    try:
-        with Image.open(path) as m:
-            return m.size
-    except OSError as err:
-        raise ValueError(f"{path} is not a readable mask image ({err})") from err
+def load_mask(path: Path, size: tuple[int, int], patch: int) -> Tensor:
+    """The label map of a mask file resized like its image (nearest: ids stay ids) to ``size`` (W, H) and
+    cropped to whole patches: (H, W) int64."""
+    return _fit(_read_labels(path), size, patch)
 
 
 def paired_files(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
@@ -115,17 +117,16 @@ def load_pairs(
     short side (None: as stored), as ``visualize_attention`` does."""
     images, masks = [], []
     for img_path, mask_path in pairs:
-        img = load_rgb(img_path)
-        stored = _mask_size(mask_path)
-        if stored != img.size:  # another image's mask, or one drawn at another scale: not stretched to fit
+        img, labels = load_rgb(img_path), _read_labels(mask_path)
+        if labels.shape[::-1] != img.size:  # another image's mask, or at another scale: not stretched
             raise ValueError(
-                f"{mask_path} is {stored[0]}x{stored[1]} but its image {img_path} is "
+                f"{mask_path} is {labels.shape[1]}x{labels.shape[0]} but its image {img_path} is "
                 f"{img.size[0]}x{img.size[1]}: a mask must have its image's size"
             )
         if image_size:
             img = TF.resize(img, image_size, interpolation=BICUBIC)
         images.append(prepare_image(img, None, patch))
-        masks.append(load_mask(mask_path, img.size, patch))
+        masks.append(_fit(labels, img.size, patch))
     return images, masks
 
 
