@@ -4,6 +4,7 @@ teacher held in shards, sharded checkpoints beside the release's files, resume a
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,43 @@ def test_fsdp_resumes_at_another_world_size(fsdp_run, tiny_data, tmp_path):
             assert torch.equal(a[name][k], b[name][k]), f"optimizer: {name}.{k}"
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ckpt["world_size"] == 3 and ckpt["step"] == 4 and ckpt["sharded_state"] == "sharded/step00000004"
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("mode", ["die-in-save", "hang-in-save"])
+def test_a_rank_lost_in_a_sharded_save_leaves_the_last_checkpoint_good(fsdp_run, tiny_data, tmp_path, mode):
+    """Rank 1 killed (kill -9) or hung in the middle of step 2's sharded save, its own shards written:
+    the run ends in bounded time, step 1's checkpoint and folder stay whole, the unfinished folder never
+    takes a finished one's name, and the same command then ends where the uninterrupted run did."""
+    _, uninterrupted = fsdp_run
+    out = tmp_path / "cut"
+    over = tiny_overrides(tiny_data, out, *EXTRA, "train.sharding=fsdp", "train.max_steps=3")
+    over.append("train.dist_timeout_s=5")
+    start = time.time()
+    proc = torchrun(2, str(REPO / "tests" / "fault_rank.py"), mode, "2", *over, timeout=300)
+    assert proc.returncode != 0, _both_ends(proc.stderr)
+    assert time.time() - start < 120, "the group did not end in bounded time"
+    if mode == "die-in-save":  # torchrun names the rank and the signal as the root cause
+        assert "Signal 9 (SIGKILL) received" in proc.stderr, _both_ends(proc.stderr)
+    else:  # rank 0 names what happened and that the last checkpoint is good
+        assert "PEER ERROR" in proc.stderr, _both_ends(proc.stderr)
+        assert "train.dist_timeout_s=5" in proc.stderr
+        assert f"last complete checkpoint in {out} is intact" in proc.stderr
+    last = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert last["step"] == 1 and last["sharded_state"] == "sharded/step00000001"
+    assert (out / "sharded" / "step00000001" / ".metadata").is_file()
+    assert not (out / "sharded" / "step00000002").exists()
+    if mode == "hang-in-save":
+        return  # the files left are a dead rank's; resuming them once is enough for the suite's time
+    # Step 1 is in the first epoch, whose prototypes are frozen (freeze_last_layer): their optimizer state
+    # is absent from the checkpoint, and resuming it once failed asking for it.
+    proc = torchrun(2, RANK_SCRIPT, str(tmp_path / "dump.pt"), *over, timeout=600)
+    assert proc.returncode == 0, _both_ends(proc.stderr)
+    resumed = torch.load(tmp_path / "dump.pt", weights_only=True)
+    for part in ("student", "teacher"):
+        assert_close(resumed["after"][part], uninterrupted["after"][part], part)
+    assert sorted(p.name for p in (out / "sharded").iterdir()) == ["step00000003"]  # the .tmp pruned
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ them and sharded again after. Checkpoints are written by ``sharded_checkpoint``.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -30,7 +31,7 @@ from torch.distributed.tensor import DTensor
 from dino_train.config import Config
 from dino_train.config.fields import ConfigError
 from dino_train.runtime.files import CheckpointError
-from dino_train.train.sharded_reader import checked_reader
+from dino_train.train.sharded_reader import checked_reader, read_metadata
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # timm's BatchNormAct2d is one
 SHARDED_KEY = "sharded_state"  # in checkpoint.pth: the folder (relative) of the run's sharded state
@@ -129,6 +130,22 @@ def training_state(student: nn.Module, teacher: nn.Module, optimizer: torch.opti
     }
 
 
+def saved_entries_only(optimizer_state: dict[str, Any], saved: Collection[str]) -> dict[str, Any]:
+    """``optimizer_state`` (a fresh optimizer's, as ``get_optimizer_state_dict`` gives it) without the
+    entries that the checkpoint's keys ``saved`` lack. torch fills a fresh optimizer's state for every
+    trainable parameter (one zero-gradient step), while a run saves none for a parameter that has had no
+    gradient yet: the prototypes while ``optim.freeze_last_layer`` holds them (the release's first epoch),
+    the backbone under ``optim.freeze_backbone_epochs``. Loading asks for every key of the template, so
+    without this a checkpoint of those epochs could not be resumed; the parameters left out get no state,
+    as in the run that saved it."""
+    kept: dict[str, Any] = {}
+    for name, entries in optimizer_state["state"].items():
+        present = {k: v for k, v in entries.items() if f"optimizer.state.{name}.{k}" in saved}
+        if present:
+            kept[name] = present
+    return {**optimizer_state, "state": kept}
+
+
 def restore_sharded(mods: Any, ckpt: dict[str, Any], path: Path) -> None:
     """Load the models and the optimizer from the sharded state ``ckpt`` names (any world size, FSDP or
     not), the loss state from ``ckpt`` itself. ``mods``: a TrainModules."""
@@ -143,11 +160,14 @@ def restore_sharded(mods: Any, ckpt: dict[str, Any], path: Path) -> None:
         raise CheckpointError(f"{path} names the sharded state {folder}, which is missing or incomplete")
     reader = checked_reader(folder)
     state = training_state(mods.student_plain, mods.teacher, mods.optimizer)
+    state["optimizer"] = saved_entries_only(state["optimizer"], read_metadata(folder).state_dict_metadata)
     try:
         dcp.load(state, storage_reader=reader)
         set_model_state_dict(mods.student_plain, state["student"])
         set_model_state_dict(mods.teacher, state["teacher"])
-        set_optimizer_state_dict(mods.student_plain, mods.optimizer, state["optimizer"])
+        # Not strict: parameters without saved state (saved_entries_only) stay without, as they were.
+        loose = StateDictOptions(strict=False)
+        set_optimizer_state_dict(mods.student_plain, mods.optimizer, state["optimizer"], options=loose)
         mods.objective.dino.load_state_dict(ckpt["dino_loss"])
         if mods.objective.uses_patches:
             mods.objective.ibot.load_state_dict(ckpt["ibot_loss"])
