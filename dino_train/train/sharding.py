@@ -135,7 +135,7 @@ def saved_entries_only(optimizer_state: dict[str, Any], saved: Collection[str]) 
     entries that the checkpoint's keys ``saved`` lack. torch fills a fresh optimizer's state for every
     trainable parameter (one zero-gradient step), while a run saves none for a parameter that has had no
     gradient yet: the prototypes while ``optim.freeze_last_layer`` holds them (the release's first epoch),
-    the backbone under ``optim.freeze_backbone_epochs``. Loading asks for every key of the template, so
+    the backbone under ``train.freeze_backbone_epochs``. Loading asks for every key of the template, so
     without this a checkpoint of those epochs could not be resumed; the parameters left out get no state,
     as in the run that saved it."""
     kept: dict[str, Any] = {}
