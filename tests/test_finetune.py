@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,8 +20,8 @@ from dino_train.models.loading import load_backbone
 from dino_train.runtime.files import with_prefix
 from eval.common import EvalExit
 from eval.finetune import cli as finetune_eval
-from eval.finetune import runner
 from eval.finetune.model import FineTuneModel, param_groups, set_drop_path
+from tests.helpers import ENV, kill_tree
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--crop", "32", "--resize", "32", "--batch-size", "8", "--num-workers", "0", "--device", "cpu",
@@ -178,7 +180,7 @@ def test_randaugment_specs_that_would_crash_are_refused_up_front(tmp_path):
 
 
 @pytest.mark.slow
-def test_finetune_writes_results_and_resumes_exactly(tiny_data, backbone_file, tmp_path, monkeypatch):
+def test_finetune_writes_results_and_resumes_exactly(tiny_data, backbone_file, tmp_path):
     run = ["--epochs", "3"]
     assert finetune_eval.main(_args(backbone_file, tiny_data, tmp_path / "full", *run)) == 0
     res = json.loads((tmp_path / "full" / "finetune_results.json").read_text())
@@ -195,31 +197,40 @@ def test_finetune_writes_results_and_resumes_exactly(tiny_data, backbone_file, t
     assert info["epoch"] == res["best"]["epoch"] + 1  # files count epochs completed
     assert not torch.equal(tuned.blocks[-1].mlp.fc2.weight, pretrained.blocks[-1].mlp.fc2.weight)
 
-    calls, real = [], runner.train_one_epoch
-
-    def preempted_in_epoch_two(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("preempted")
-        return real(*a, **k)
-
-    monkeypatch.setattr(runner, "train_one_epoch", preempted_in_epoch_two)
-    with pytest.raises(KeyboardInterrupt):
-        finetune_eval.main(_args(backbone_file, tiny_data, tmp_path / "cut", *run))
-    cut_state = torch.load(tmp_path / "cut" / "finetune_checkpoint.pth", weights_only=True)
-    assert cut_state["epoch"] == 1
-    monkeypatch.setattr(runner, "train_one_epoch", real)
-    assert finetune_eval.main(_args(backbone_file, tiny_data, tmp_path / "cut", *run)) == 0
+    # kill -9 at a random moment after the first epoch's checkpoint: in epoch 1, its save, or epoch 2.
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eval.finetune", *_args(backbone_file, tiny_data, cut, *run)],
+        cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    epoch_s = _wait_for_first_epoch(cut, proc)
+    time.sleep(random.uniform(0, 1.5) * epoch_s)
+    kill_tree(proc)
+    proc.communicate(timeout=30)
+    cut_state = torch.load(cut / "finetune_checkpoint.pth", weights_only=True)  # whole, never half
+    assert 1 <= cut_state["epoch"] < 3, f"killed after epoch {cut_state['epoch']}: not mid-run"
+    assert finetune_eval.main(_args(backbone_file, tiny_data, cut, *run)) == 0
     full = torch.load(tmp_path / "full" / "finetune_checkpoint.pth", weights_only=True)["model"]
-    cut = torch.load(tmp_path / "cut" / "finetune_checkpoint.pth", weights_only=True)["model"]
+    resumed = torch.load(cut / "finetune_checkpoint.pth", weights_only=True)["model"]
     for k, v in full.items():
-        torch.testing.assert_close(cut[k], v, msg=k)
-    again = json.loads((tmp_path / "cut" / "finetune_results.json").read_text())
+        assert torch.equal(resumed[k], v), f"{k} differs after a kill in epoch {cut_state['epoch']}"
+    again = json.loads((cut / "finetune_results.json").read_text())
     assert [(r["epoch"], r["top1"]) for r in again["history"]] == [
         (r["epoch"], r["top1"]) for r in res["history"]
     ]
     with pytest.raises(EvalExit, match="other lr"):
-        finetune_eval.main(_args(backbone_file, tiny_data, tmp_path / "cut", *run, "--lr", "0.01"))
+        finetune_eval.main(_args(backbone_file, tiny_data, cut, *run, "--lr", "0.01"))
+
+
+def _wait_for_first_epoch(out: Path, proc: subprocess.Popen, timeout: float = 120) -> float:
+    """Wait until the run writing ``out`` has saved its first epoch; return that epoch's seconds."""
+    deadline, results = time.time() + timeout, out / "finetune_results.json"
+    while not results.exists():
+        if proc.poll() is not None or time.time() > deadline:
+            kill_tree(proc)
+            raise AssertionError(f"fine-tuning did not save an epoch: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.02)
+    return float(json.loads(results.read_text())["history"][0]["seconds"])
 
 
 def _release_checkpoint(path: Path) -> torch.nn.Module:
