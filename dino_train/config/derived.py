@@ -44,7 +44,9 @@ def validate(cfg: Config) -> None:
     if cfg.ibot.loss_weight and cfg.train.accumulation_steps > 1:
         raise ConfigError("ibot.loss_weight: iBOT is not supported with train.accumulation_steps > 1 yet")
     if m.arch not in RELEASE_ARCHS and not is_vit_name(m.arch):  # a CNN: no tokens to add or mask
-        for key, on in (("model.num_registers", m.num_registers), ("ibot.loss_weight", cfg.ibot.loss_weight)):
+        tokens = (("model.num_registers", m.num_registers), ("ibot.loss_weight", cfg.ibot.loss_weight),
+                  ("gram.weight", cfg.gram.weight))  # fmt: skip
+        for key, on in tokens:
             _check(not on, key, f"needs a ViT's patch tokens; {m.arch} has none (set it to 0)")
     if m.arch in RELEASE_ARCHS:  # a timm model's patch size is known once it is built (models.backbone)
         for key, size in (

@@ -140,6 +140,20 @@ class IBOTConfig:
 
 
 @dataclass
+class GramConfig:
+    """Gram anchoring (DINOv3, Simeoni et al. 2025): the student's L2-normalised patch features of the
+    global crops keep the pairwise similarities (their Gram matrix) of a frozen earlier copy of the
+    teacher's backbone, the Gram teacher, so that the dense features do not degrade late in a long run."""
+
+    weight: float = setting(0.0, at_least(0))  # 0 is off; DINOv3's refinement stage uses 2
+    start_step: int = setting(0, at_least(0))  # the first snapshot of the teacher, and the loss from there
+    refresh_every: int = setting(0, at_least(0))  # steps between snapshots; 0 keeps the first (DINOv3: 10k)
+    # The Gram teacher sees the global crops this many times larger and its patch features are resized
+    # (bicubic) to the student's grid: DINOv3's high-resolution Gram teacher used 2.
+    teacher_scale: float = setting(1.0, at_least(1))
+
+
+@dataclass
 class TrainConfig:
     epochs: int = setting(100, positive)
     # auto: bf16 (fp16 without) on CUDA; on the CPU bf16 if it measures faster, else fp32.
@@ -199,5 +213,6 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     dino: DinoConfig = field(default_factory=DinoConfig)
     ibot: IBOTConfig = field(default_factory=IBOTConfig)
+    gram: GramConfig = field(default_factory=GramConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)

@@ -23,6 +23,9 @@ class CropOutputs(NamedTuple):
     # (sum of batch sizes, bottleneck_dim): the head's L2-normalised bottleneck, which the prototypes
     # score; None for a head without one.
     bottleneck: torch.Tensor | None = None
+    # (B_first, N, embed_dim): the backbone's output patch tokens of the first resolution group (the
+    # global crops), when ``forward`` was asked for them (``tokens``; Gram anchoring); None otherwise.
+    patch_tokens: torch.Tensor | None = None
 
 
 class MultiCropWrapper(nn.Module):
@@ -62,6 +65,7 @@ class MultiCropWrapper(nn.Module):
         masks: torch.Tensor | None = None,
         patches: torch.Tensor | None = None,
         outputs: bool = False,
+        tokens: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | CropOutputs:
         """crops: list of (B, 3, H_i, W_i); consecutive crops of one size share a backbone pass.
 
@@ -69,7 +73,7 @@ class MultiCropWrapper(nn.Module):
         also the backbone's CLS features (sum of batch sizes, embed_dim). With ``outputs`` the whole
         ``CropOutputs`` of ``forward_crops`` (called through ``forward``, so that DDP sees the call).
         """
-        out = self.forward_crops(crops, masks, patches)
+        out = self.forward_crops(crops, masks, patches, tokens)
         if outputs:
             return out
         return (out.logits, out.features) if return_features else out.logits
@@ -79,12 +83,14 @@ class MultiCropWrapper(nn.Module):
         crops: list[torch.Tensor] | torch.Tensor,
         masks: torch.Tensor | None = None,
         patches: torch.Tensor | None = None,
+        tokens: bool = False,
     ) -> CropOutputs:
         """As ``forward``. For the first resolution group (the global crops) ``masks`` (B_first, N) bool
         replaces those patches by the mask token (the later groups are never masked), and ``patches``
         (B_first, N) bool selects the patch tokens the patch head runs on: iBOT's loss reads only the
         masked positions, so the student passes its masks as both and the teacher (unmasked input) as
-        ``patches`` alone; the head, as large as a ViT-Tiny, then runs on ~15% of the tokens."""
+        ``patches`` alone; the head, as large as a ViT-Tiny, then runs on ~15% of the tokens. ``tokens``
+        keeps the first group's output patch tokens in the result."""
         if isinstance(crops, torch.Tensor):
             crops = [crops]
         feats, patch_tokens, start = [], None, 0
@@ -93,26 +99,27 @@ class MultiCropWrapper(nn.Module):
             while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
                 end += 1
             x = torch.cat(crops[start:end])
-            if start == 0 and patches is not None:
+            if start == 0 and (patches is not None or tokens):
                 self._masks = masks
                 try:
-                    tokens = self.backbone.forward_features(x)
+                    out = self.backbone.forward_features(x)
                 finally:
                     self._masks = None
-                feats.append(self.backbone.forward_head(tokens))
-                patch_tokens = tokens[:, self.backbone.num_prefix_tokens :]
+                feats.append(self.backbone.forward_head(out))
+                patch_tokens = out[:, self.backbone.num_prefix_tokens :]
             else:
                 feats.append(self.backbone(x))
             start = end
         features = torch.cat(feats)
         patch_logits = None
-        if patch_tokens is not None:
+        if patches is not None and patch_tokens is not None:
             head = getattr(self, "patch_head", self.head)
             patch_logits = head(patch_tokens[patches.to(patch_tokens.device)])
+        kept = patch_tokens if tokens else None
         if isinstance(self.head, DINOHead):
             z = self.head.project(features)
-            return CropOutputs(self.head.last_layer(z), features, patch_logits, z)
-        return CropOutputs(self.head(features), features, patch_logits)
+            return CropOutputs(self.head.last_layer(z), features, patch_logits, z, kept)
+        return CropOutputs(self.head(features), features, patch_logits, None, kept)
 
 
 def model_spec(m: ModelConfig, img_size: int) -> BackboneSpec:

@@ -25,6 +25,7 @@ from dino_train.models.backbone import check_crop_size
 from dino_train.runtime import distributed as D
 from dino_train.runtime.distributed import DistEnv
 from dino_train.runtime.precision import make_scaler
+from dino_train.train.gram import GramTeacher
 from dino_train.train.init_weights import init_from_file
 from dino_train.train.objective import Objective
 from dino_train.train.optim import build_optimizer
@@ -113,6 +114,8 @@ def build_modules(cfg: Config, env: DistEnv, device: torch.device, precision: st
         sharded=sharded,
     )
     mods.init_note = note
+    if cfg.gram.weight:  # after the teacher is on its device (and initialised from a file, if asked)
+        mods.gram = GramTeacher(cfg.gram, teacher.backbone)
     return mods
 
 

@@ -250,6 +250,8 @@ class Run:
                 state.step + 1
             ) % cfg.train.log_every_steps == 0 or state.step + 1 == state.plan.total_steps
             masks = self._masks(crops[0]) if state.mods.objective.uses_patches else None
+            if state.mods.gram is not None:
+                state.mods.gram.before_step(state.step, state.mods.teacher.backbone)
             result = train_step(state.mods, self.settings, crops, values, epoch, log_now, masks)
             epoch_done = state.advance()
             ev = StepEvent(

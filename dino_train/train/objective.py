@@ -13,6 +13,7 @@ from torch import nn
 
 from dino_train.config import Config
 from dino_train.core.centering import AllReduceSum
+from dino_train.core.gram import gram_loss
 from dino_train.core.ibot import iBOTPatchLoss
 from dino_train.core.koleo import koleo_per_crop
 from dino_train.core.loss import DINOLoss
@@ -44,6 +45,7 @@ class Objective(nn.Module):
         )
         self.koleo_weight, self.koleo_on = k.koleo_weight, k.koleo_on
         self.ibot_weight = ib.loss_weight
+        self.gram_weight = cfg.gram.weight
         if self.ibot_weight:
             self.ibot = iBOTPatchLoss(
                 (ib.out_dim if ib.separate_head else 0) or cfg.model.out_dim,
@@ -58,11 +60,17 @@ class Objective(nn.Module):
         return self.ibot_weight > 0
 
     def forward(
-        self, student: CropOutputs, teacher: CropOutputs, masks: torch.Tensor | None, teacher_temp: float
+        self,
+        student: CropOutputs,
+        teacher: CropOutputs,
+        masks: torch.Tensor | None,
+        teacher_temp: float,
+        gram_targets: torch.Tensor | None = None,
     ) -> LossTerms:
         """student: all crops' outputs; teacher: the two global crops'; masks (B_global, N) bool, the
         student's masked patches (None without iBOT). The patch heads' outputs hold the masked positions
-        only, in the order of ``tokens[masks]``."""
+        only, in the order of ``tokens[masks]``. gram_targets (B_global, N, D): the Gram teacher's patch
+        features of the global crops, once it has its first snapshot (None before, and without it)."""
         terms = self.dino(student.logits, teacher.logits, teacher_temp)
         total = terms.total
         parts = {"loss_dino": terms.total, "loss_global_global": terms.global_global,
@@ -77,6 +85,11 @@ class Objective(nn.Module):
         if self.uses_patches and masks is not None:
             parts["loss_ibot"] = self.ibot(student.patch_logits, teacher.patch_logits, masks, teacher_temp)
             total = total + self.ibot_weight * parts["loss_ibot"]
+        if self.gram_weight and gram_targets is not None:
+            if student.patch_tokens is None:
+                raise ValueError("Gram anchoring needs the student's patch tokens (forward with tokens=True)")
+            parts["loss_gram"] = gram_loss(student.patch_tokens, gram_targets)
+            total = total + self.gram_weight * parts["loss_gram"]
         return LossTerms(total, parts)
 
     @torch.no_grad()

@@ -47,6 +47,10 @@ def check_fsdp(cfg: Config, precision: str) -> None:
         raise ConfigError(
             "train.sharding=fsdp: LARS's trust ratio needs whole-tensor norms; use adamw or sgd"
         )
+    if cfg.gram.weight:
+        raise ConfigError(
+            "gram.weight: Gram anchoring's frozen teacher copy is not sharded yet; use train.sharding=ddp"
+        )
     if cfg.monitor.knn_data or cfg.monitor.attention_images:
         key = "monitor.knn_data" if cfg.monitor.knn_data else "monitor.attention_images"
         raise ConfigError(

@@ -80,6 +80,8 @@ def checkpoint_state(state: TrainState, cfg: Config, weights: dict[str, Any] | N
     }
     if mods.objective.uses_patches:
         ckpt["ibot_loss"] = mods.objective.ibot.state_dict()
+    if mods.gram is not None:
+        ckpt["gram_teacher"] = mods.gram.state_dict()
     if mods.scaler is not None:
         ckpt["fp16_scaler"] = mods.scaler.state_dict()
     return ckpt
@@ -96,6 +98,8 @@ def restore(mods: TrainModules, ckpt: dict[str, Any], path: Path) -> None:
         if mods.objective.uses_patches:
             mods.objective.ibot.load_state_dict(ckpt["ibot_loss"])
         mods.optimizer.load_state_dict(_upgrade_optimizer(ckpt, mods))
+        if mods.gram is not None and "gram_teacher" in ckpt:  # without: the first snapshot is still due
+            mods.gram.load_state_dict(ckpt["gram_teacher"])
     except (RuntimeError, ValueError, KeyError) as err:
         hint = ""
         if "pos_embed" in str(err) and ckpt.get("format_version", 1) < 2:

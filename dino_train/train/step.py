@@ -15,6 +15,7 @@ from dino_train.core.metrics import dino_metrics, feature_std
 from dino_train.core.schedules import StepValues
 from dino_train.models.wrapper import CropOutputs
 from dino_train.runtime.precision import autocast
+from dino_train.train.gram import GramTeacher
 from dino_train.train.objective import LossTerms, Objective
 from dino_train.train.optim import apply_step_values, cancel_frozen_grads, clip_gradients
 from dino_train.train.sharding import local_shards, reshard
@@ -39,6 +40,7 @@ class TrainModules:
     scaler: torch.amp.GradScaler | None
     init_note: str = ""  # what model.init_weights loaded, for the run's log
     sharded: bool = False  # FSDP2 on student and teacher (train.sharding=fsdp)
+    gram: GramTeacher | None = None  # Gram anchoring's frozen snapshot (gram.weight > 0)
 
     def __post_init__(self) -> None:
         # Fixed lists, built once: the EMA and clipping walk them every step. Under FSDP the EMA lists
@@ -62,14 +64,18 @@ def _forward(
     """One micro-batch: (loss terms, student outputs, teacher outputs)."""
     # iBOT's patch heads run on the masked positions only (the teacher's on its unmasked crops).
     patches = masks if m.objective.uses_patches else None
+    gram = m.gram if m.gram is not None and m.gram.active else None
+    gram_targets = None
     with autocast(s.precision, s.device):
         with torch.no_grad():
             teacher = m.teacher(crops[:2], patches=patches, outputs=True)  # global crops, never masked
             if m.sharded:
                 reshard(m.teacher)
-        student = m.student(crops, masks=patches, patches=patches, outputs=True)
+            if gram is not None:
+                gram_targets = gram.targets(torch.cat(crops[:2]))
+        student = m.student(crops, masks=patches, patches=patches, outputs=True, tokens=gram is not None)
     # The loss runs outside autocast: its softmaxes and sums over 65k prototypes need fp32.
-    return m.objective(student, teacher, masks, teacher_temp), student, teacher
+    return m.objective(student, teacher, masks, teacher_temp, gram_targets), student, teacher
 
 
 @dataclass(frozen=True)
