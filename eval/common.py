@@ -16,6 +16,7 @@ from dino_train.data.transforms import resize_for
 from dino_train.runtime.device import pick_device
 from dino_train.runtime.distributed import DistEnv, barrier, cleanup, detect_env, init_distributed
 from dino_train.runtime.files import CheckpointError
+from eval.flags import whole
 
 
 class EvalExit(SystemExit):
@@ -44,10 +45,10 @@ def input_error(err: BaseException) -> BaseException:
 
 def add_size_args(parser: argparse.ArgumentParser, crop: int = 224) -> None:
     """``--crop`` and ``--resize``: the one preprocessing rule of every evaluation door (CLIs, ``dino.``)."""
-    parser.add_argument("--crop", type=int, default=crop, help="centre crop side in pixels")
+    parser.add_argument("--crop", type=whole(1), default=crop, help="centre crop side in pixels")
     parser.add_argument(
         "--resize",
-        type=int,
+        type=whole(1),
         default=None,
         help="short side in pixels before the crop; default: crop * 256 / 224, the release's "
         "Resize(256) + CenterCrop(224) rule. Pass the crop size to keep the whole image (the demo does, "
@@ -98,7 +99,7 @@ def add_backbone_args(parser: argparse.ArgumentParser) -> None:
         help="checked against the checkpoint: vit_tiny|vit_small|vit_base or a timm model name (which also "
         "names the model when the weights alone do not tell it); timm:<name> + --weights for timm weights",
     )
-    g.add_argument("--patch-size", type=int, help="checked against the checkpoint's patch size")
+    g.add_argument("--patch-size", type=whole(1), help="checked against the checkpoint's patch size")
     g.add_argument("--weights", help="local weights file for --arch timm:<name> (nothing is downloaded)")
     g.add_argument("--non-strict", action="store_true", help="load the weights that fit and report the rest")
     g.add_argument(

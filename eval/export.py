@@ -27,6 +27,7 @@ from torch import nn
 from dino_train.runtime.cli import HelpFormatter
 from dino_train.runtime.files import CheckpointError, check_writable_dir, write_json
 from eval.common import add_backbone_args, backbone_from_args, run_tool
+from eval.flags import whole
 
 FORMATS = ("hf", "onnx", "timm", "safetensors")
 
@@ -142,7 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_backbone_args(p)
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--output", required=True, type=Path, help="folder for the exported files")
-    p.add_argument("--image-size", type=int, default=224, help="onnx: the traced input size (default 224)")
+    p.add_argument(
+        "--image-size", type=whole(1), default=224, help="onnx: the traced input size (default 224)"
+    )
     p.add_argument("--no-progress", action="store_true", help="accepted by every tool; this one draws no bar")
     args = p.parse_args(argv)
     return run_tool(lambda: _run(args), (ValueError,))

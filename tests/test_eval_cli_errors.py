@@ -94,3 +94,35 @@ def test_eval_knn_and_linear_input_errors_exit_2(tmp_path, backbone_file, capsys
         assert info.value.code == 2 and str(info.value).startswith(start), str(info.value)
         assert err.startswith(start) and err.count("\n") == 1, err
     # As processes, exit status 2 with the line on stderr: test_safe_loading.py::test_the_clis_refuse_it.
+
+
+@pytest.mark.parametrize(
+    "tool, flag, value, words",
+    [
+        ("eval.knn.cli", "--ks", "0", "must be at least 1, got 0"),
+        ("eval.knn.cli", "--temperature", "0", "must lie in > 0, got 0"),
+        ("eval.knn.cli", "--batch-size", "-4", "must be at least 1, got -4"),
+        ("eval.knn.cli", "--crop", "ten", "expected a whole number, got 'ten'"),
+        ("eval.linear.cli", "--lr", "nan", "must be a finite number, got nan"),
+        ("eval.linear.cli", "--epochs", "0", "must be at least 1"),
+        ("eval.finetune.cli", "--layer-decay", "0", "must lie in (0, 1], got 0"),
+        ("eval.finetune.cli", "--drop-path", "1", "must lie in [0, 1), got 1"),
+        ("eval.finetune.cli", "--reprob", "1.5", "must lie in [0, 1], got 1.5"),
+        ("eval.retrieval.cli", "--imsize", "0", "must be at least 1"),
+        ("eval.video_seg.cli", "--temperature", "-0.1", "must lie in > 0, got -0.1"),
+        ("eval.video_seg.cli", "--topk", "0", "must be at least 1"),
+        ("eval.attention.visualize", "--fps", "inf", "must be a finite number"),
+        ("eval.export", "--image-size", "0", "must be at least 1"),
+    ],
+)
+def test_a_number_out_of_range_is_refused_naming_its_flag(tool, flag, value, words, capsys):
+    """Before anything is read (the checkpoint named does not exist): exit status 2 and one line naming
+    the flag. ``--temperature 0`` once scored every k-NN query as class 0, ``--ks 0`` ended in a
+    ValueError from the classifier after the features were extracted."""
+    import importlib
+
+    main = importlib.import_module(tool).main
+    with pytest.raises(SystemExit) as err:
+        main(["--checkpoint", "/nonexistent.pth", flag, value])
+    assert err.value.code == 2
+    assert f"argument {flag}: {words}" in capsys.readouterr().err

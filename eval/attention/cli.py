@@ -47,6 +47,7 @@ from eval.common import (
     run_tool,
     settings_record,
 )
+from eval.flags import whole
 
 RESULTS_FILE = "attention_jaccard.json"
 
@@ -56,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_backbone_args(p)
     p.add_argument("--images", required=True, type=Path, help="a folder of images (searched recursively)")
     p.add_argument("--masks", required=True, type=Path, help="object masks, same relative paths as images")
-    p.add_argument("--image-size", type=int, default=0, help="short side in pixels (default 0: as stored)")
+    p.add_argument(
+        "--image-size", type=whole(0), default=0, help="short side in pixels (default 0: as stored)"
+    )
     p.add_argument("--threshold", type=float, default=0.6, help="attention mass the masks keep (default 0.6)")
     p.add_argument("--output-dir", type=Path, help=f"write {RESULTS_FILE} and attention_jaccard.png here")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if seen")

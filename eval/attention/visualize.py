@@ -21,6 +21,7 @@ from dino_train.runtime.progress import use_progress_bar
 from eval.attention.figures import open_image, write_image_outputs
 from eval.attention.video import VIDEO_EXTENSIONS, VisualizeError, video_frames, write_attention_video
 from eval.common import add_backbone_args, backbone_from_args, run_tool
+from eval.flags import POSITIVE, whole
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,14 +32,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input", required=True, type=Path, help="an image, a folder of images, or a video")
     p.add_argument("--video-frames", action="store_true", help="--input is a folder of video frames")
     p.add_argument("--output", required=True, type=Path, help="folder for the outputs")
-    p.add_argument("--image-size", type=int, default=480, help="short side in pixels; 0 keeps the size")
+    p.add_argument("--image-size", type=whole(0), default=480, help="short side in pixels; 0 keeps the size")
     p.add_argument("--threshold", type=float, default=0.6, help="share of attention mass the masks keep")
     p.add_argument("--block", type=int, default=-1, help="transformer block (-1: the last)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if seen")
-    p.add_argument("--batch-size", type=int, default=8, help="video frames per forward pass")
+    p.add_argument("--batch-size", type=whole(1), default=8, help="video frames per forward pass")
     p.add_argument("--side-by-side", action="store_true", help="show the input beside the attention")
     p.add_argument("--apply-mask", action="store_true", help="videos: the masked frame, not the heat map")
-    p.add_argument("--fps", type=float, help="output frame rate (default: the source's; 25 for frames)")
+    p.add_argument("--fps", type=POSITIVE, help="output frame rate (default: the source's; 25 for frames)")
     p.add_argument(
         "--no-progress", action="store_true", help="no progress bar (none off a terminal or under Slurm)"
     )

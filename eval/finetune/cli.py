@@ -33,37 +33,47 @@ from eval.common import (
 from eval.finetune.report import summary_line
 from eval.finetune.runner import FineTune, fit
 from eval.finetune.train import CHECKPOINT_FILE
+from eval.flags import NON_NEGATIVE, POSITIVE, PROBABILITY, real, whole
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eval_finetune", description=__doc__, formatter_class=HelpFormatter)
     add_backbone_args(p)
     p.add_argument("--data", required=True, help="folder with train/ and val/ class folders")
-    p.add_argument("--epochs", type=int, default=100, help="DeiT fine-tunes 300 (1000 on CIFAR)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per step, per process")
-    p.add_argument("--lr", type=float, default=5e-4, help="peak lr for a total batch of 256")
-    p.add_argument("--min-lr", type=float, default=1e-6, help="the cosine's end")
+    p.add_argument("--epochs", type=whole(1), default=100, help="DeiT fine-tunes 300 (1000 on CIFAR)")
+    p.add_argument("--batch-size", type=whole(1), default=64, help="images per step, per process")
+    p.add_argument("--lr", type=POSITIVE, default=5e-4, help="peak lr for a total batch of 256")
+    p.add_argument("--min-lr", type=NON_NEGATIVE, default=1e-6, help="the cosine's end")
     p.add_argument(
-        "--warmup-epochs", type=int, default=5, help="linear warmup from 0 (at most half the epochs)"
+        "--warmup-epochs", type=whole(0), default=5, help="linear warmup from 0 (at most half the epochs)"
     )
-    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW's, not on biases, norms, tokens")
-    p.add_argument("--layer-decay", type=float, default=0.75, help="lr factor per ViT block; 1: none")
-    p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the last block (ViTs)")
-    p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off; DeiT's 0.8)")
-    p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off; DeiT's 1.0)")
+    p.add_argument(
+        "--weight-decay", type=NON_NEGATIVE, default=0.05, help="AdamW's, not on biases, norms, tokens"
+    )
+    p.add_argument(
+        "--layer-decay", type=real(0, 1, lo_open=True), default=0.75, help="lr factor per ViT block; 1: none"
+    )
+    p.add_argument(
+        "--drop-path",
+        type=real(0, 1, hi_open=True),
+        default=0.1,
+        help="stochastic depth of the last block (ViTs)",
+    )
+    p.add_argument("--smoothing", type=real(0, 1, hi_open=True), default=0.1, help="label smoothing")
+    p.add_argument("--mixup", type=NON_NEGATIVE, default=0.0, help="mixup alpha (0: off; DeiT's 0.8)")
+    p.add_argument("--cutmix", type=NON_NEGATIVE, default=0.0, help="cutmix alpha (0: off; DeiT's 1.0)")
     p.add_argument(
         "--randaugment",
         default="rand-m9-mstd0.5-inc1-mmax9",
         help="timm's spelling (DeiT's rand-m9-mstd0.5-inc1, magnitude capped at 9); none: off",
     )
-    p.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
-    p.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm (0: no clipping)")
+    p.add_argument("--reprob", type=PROBABILITY, default=0.25, help="random erasing probability")
+    p.add_argument("--clip-grad", type=NON_NEGATIVE, default=0.0, help="max gradient norm (0: no clipping)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: bf16 on a GPU that has it (else fp16), fp32 on the CPU")  # fmt: skip
-    p.add_argument("--num-workers", type=int, default=default_workers(), help="decoding processes")
+    p.add_argument("--num-workers", type=whole(0), default=default_workers(), help="decoding processes")
     add_size_args(p)
-    p.add_argument("--seed", type=int, default=0, help="classifier init, data order, augmentations")
+    p.add_argument("--seed", type=whole(0), default=0, help="classifier init, data order, augmentations")
     p.add_argument("--output-dir", default="runs/finetune", help="results, weights, checkpoint, TensorBoard")
     p.add_argument("--no-resume", action="store_true", help=f"ignore {CHECKPOINT_FILE} in the output dir")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if seen")

@@ -39,6 +39,7 @@ from eval.common import (
     split_roots,
     write_scalars,
 )
+from eval.flags import POSITIVE, whole
 
 FEATURES_FILE = "knn_features.pth"
 PATCH_DIR = "patch_tokens"  # under --dump-features DIR: one feature store per split
@@ -49,11 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eval_knn", description=__doc__, formatter_class=HelpFormatter)
     add_backbone_args(p)
     p.add_argument("--data", help="folder with train/ and val/ class folders")
-    p.add_argument("--ks", type=int, nargs="+", default=list(KNN_KS), help="numbers of neighbours")
-    p.add_argument("--temperature", type=float, default=KNN_TEMPERATURE, help="votes weigh exp(cosine / T)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass, per process")
+    p.add_argument("--ks", type=whole(1), nargs="+", default=list(KNN_KS), help="numbers of neighbours")
     p.add_argument(
-        "--num-workers", type=int, default=default_workers(), help="decoding processes (fits this machine)"
+        "--temperature", type=POSITIVE, default=KNN_TEMPERATURE, help="votes weigh exp(cosine / T)"
+    )
+    p.add_argument("--batch-size", type=whole(1), default=64, help="images per forward pass, per process")
+    p.add_argument(
+        "--num-workers",
+        type=whole(0),
+        default=default_workers(),
+        help="decoding processes (fits this machine)",
     )
     add_size_args(p)
     p.add_argument("--dump-features", metavar="DIR", help=f"save the features to DIR/{FEATURES_FILE}")

@@ -42,6 +42,7 @@ from eval.common import (
     setup_process,
     split_roots,
 )
+from eval.flags import POSITIVE, whole
 from eval.linear.model import (
     GridPoint,
     LinearGrid,
@@ -74,23 +75,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eval_linear", description=__doc__, formatter_class=HelpFormatter)
     add_backbone_args(p)
     p.add_argument("--data", required=True, help="folder with train/ and val/ class folders")
-    p.add_argument("--epochs", type=int, default=100, help="the release's 100")
+    p.add_argument("--epochs", type=whole(1), default=100, help="the release's 100")
     p.add_argument(
         "--lr",
-        type=float,
+        type=POSITIVE,
         nargs="+",
         default=list(DEFAULT_LRS),
         help="base lr(s) for a total batch of 256, all trained in the same pass. The release's single "
         "0.001 is tuned for ImageNet's ~1250 steps of 1024 per epoch; a data set of a few thousand images "
         "takes a few steps per epoch and needs 100-1000x more, so the grid spans both",
     )
-    p.add_argument("--n-last-blocks", type=int, nargs="+", help="default: 4 (ViT-S/T), 1 (ViT-B)")
+    p.add_argument("--n-last-blocks", type=whole(1), nargs="+", help="default: 4 (ViT-S/T), 1 (ViT-B)")
     p.add_argument(
         "--avgpool", choices=["auto", "yes", "no", "both"], default="auto", help="auto: ViT-B only"
     )
-    p.add_argument("--batch-size", type=int, default=128, help="images per step, per process")
+    p.add_argument("--batch-size", type=whole(1), default=128, help="images per step, per process")
     p.add_argument(
-        "--num-workers", type=int, default=default_workers(), help="decoding processes (fits this machine)"
+        "--num-workers",
+        type=whole(0),
+        default=default_workers(),
+        help="decoding processes (fits this machine)",
     )
     add_size_args(p)
     p.add_argument(
@@ -102,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train on features shifted and scaled by the train split's per-dimension mean and std "
         "(centre crops); the saved probes fold it in and take raw features. Off: the release's probe",
     )
-    p.add_argument("--seed", type=int, default=0, help="classifier init and data order")
+    p.add_argument("--seed", type=whole(0), default=0, help="classifier init and data order")
     p.add_argument("--output-dir", default="runs/linear", help="results, probes, checkpoint, TensorBoard")
     p.add_argument("--no-resume", action="store_true", help=f"ignore {CHECKPOINT_FILE} in the output dir")
     p.add_argument("--evaluate", action="store_true", help="only evaluate --classifier on val")

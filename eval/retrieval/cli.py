@@ -46,6 +46,7 @@ from eval.common import (
     settings_record,
     setup_process,
 )
+from eval.flags import whole
 from eval.retrieval import gnd as gt
 from eval.retrieval.features import (
     DESCRIPTORS,
@@ -86,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gnd", help="ground truth: revisitop gnd_*.pkl (read without running code) or its JSON")
     p.add_argument("--protocol", choices=list(PROTOCOL_DEFAULTS), default="plain", help="see above")
     p.add_argument("--distractors", help="folder of extra gallery images that match no query")
-    p.add_argument("--match-prefix", type=int, help="file-name truth: match the first N characters of stems")
+    p.add_argument(
+        "--match-prefix", type=whole(1), help="file-name truth: match the first N characters of stems"
+    )
     p.add_argument(
         "--multiscale", action="store_true", help="average descriptors at scales 1, 1/sqrt(2), 1/2"
     )
@@ -95,12 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--whitening-data", help="folder of images to learn the whitening on (implies --whitening)"
     )
     p.add_argument("--whitening-centred", action="store_true", help="whiten with the covariance, not X^T X/N")
-    p.add_argument("--imsize", type=int, help="image size in px (default: 224 plain, 320 copydays)")
+    p.add_argument("--imsize", type=whole(1), help="image size in px (default: 224 plain, 320 copydays)")
     p.add_argument("--resize-mode", choices=RESIZE_MODES, help="default: thumbnail plain, square copydays")
     p.add_argument("--descriptor", choices=DESCRIPTORS, help="default: cls plain, cls+gem copydays")
-    p.add_argument("--topk", type=int, help="ranking length for AP, 0 = whole gallery (default: 0 / 20)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (1 for thumbnail)")
-    p.add_argument("--num-workers", type=int, default=default_workers(), help="decoding processes")
+    p.add_argument("--topk", type=whole(0), help="ranking length for AP, 0 = whole gallery (default: 0 / 20)")
+    p.add_argument(
+        "--batch-size", type=whole(1), default=16, help="images per forward pass (1 for thumbnail)"
+    )
+    p.add_argument("--num-workers", type=whole(0), default=default_workers(), help="decoding processes")
     p.add_argument("--output-dir", help=f"write {RESULTS_FILE} here")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if seen")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -41,6 +41,7 @@ from eval.common import (
     run_tool,
     settings_record,
 )
+from eval.flags import POSITIVE, whole
 from eval.video_seg import data as vd
 from eval.video_seg.metrics import VOID_LABEL, score_video, summarize
 from eval.video_seg.propagation import (
@@ -68,15 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--video-names", nargs="+", help="evaluate only these videos")
     p.add_argument(
-        "--n-last-frames", type=int, default=d.n_last_frames, help="previous frames in the context"
+        "--n-last-frames", type=whole(0), default=d.n_last_frames, help="previous frames in the context"
     )
-    p.add_argument("--topk", type=int, default=d.topk, help="source patches each patch takes labels from")
-    p.add_argument("--size-mask-neighborhood", type=int, default=d.radius, help="window radius in patches")
-    p.add_argument("--temperature", type=float, default=d.temperature, help="weights exp(cosine / T)")
-    p.add_argument("--chunk", type=int, default=d.chunk, help="target patches per affinity block (memory)")
-    p.add_argument("--short-side", type=int, default=vd.SHORT_SIDE, help="frame short side in px")
-    p.add_argument("--size-multiple", type=int, default=vd.SIZE_MULTIPLE, help="long side floored to this")
-    p.add_argument("--fps", type=float, default=24.0, help="overlay video frame rate (DAVIS is filmed at 24)")
+    p.add_argument(
+        "--topk", type=whole(1), default=d.topk, help="source patches each patch takes labels from"
+    )
+    p.add_argument(
+        "--size-mask-neighborhood", type=whole(0), default=d.radius, help="window radius in patches"
+    )
+    p.add_argument("--temperature", type=POSITIVE, default=d.temperature, help="weights exp(cosine / T)")
+    p.add_argument(
+        "--chunk", type=whole(1), default=d.chunk, help="target patches per affinity block (memory)"
+    )
+    p.add_argument("--short-side", type=whole(1), default=vd.SHORT_SIDE, help="frame short side in px")
+    p.add_argument(
+        "--size-multiple", type=whole(1), default=vd.SIZE_MULTIPLE, help="long side floored to this"
+    )
+    p.add_argument(
+        "--fps", type=POSITIVE, default=24.0, help="overlay video frame rate (DAVIS is filmed at 24)"
+    )
     p.add_argument("--no-video", action="store_true", help="write the mask PNGs only, no overlay video")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if seen")
     p.add_argument("--no-progress", action="store_true", help="no per-frame progress bar")
