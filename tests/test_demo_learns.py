@@ -2,7 +2,7 @@
 below it) and gives a teacher whose k-NN and linear-probe accuracy on the held-out split beat a randomly
 initialised backbone of the same shape, with the collapse detector quiet.
 
-Only the first 250 of the demo's 620 steps run. Measured in the demo's own run (2026-12-07, a 2-core
+Only the first 250 of the demo's 558 steps run. Measured in the demo's own run (2026-12-07, a 2-core
 Intel Xeon with AMX, bf16): the mean DINO loss over steps 201-250 was 7.87 (ln 4096 = 8.32; the test asks
 for below 8.07), and k-NN k=20 61.0 after step 310 against 31.0 for random init.
 """
