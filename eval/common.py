@@ -13,6 +13,7 @@ from torch import nn
 
 from dino_train.data import DataError
 from dino_train.data.transforms import resize_for
+from dino_train.runtime.cli import default_workers
 from dino_train.runtime.device import pick_device
 from dino_train.runtime.distributed import DistEnv, barrier, cleanup, detect_env, init_distributed
 from dino_train.runtime.files import CheckpointError
@@ -53,6 +54,16 @@ def add_size_args(parser: argparse.ArgumentParser, crop: int = 224) -> None:
         help="short side in pixels before the crop; default: crop * 256 / 224, the release's "
         "Resize(256) + CenterCrop(224) rule. Pass the crop size to keep the whole image (the demo does, "
         "on 64 px images)",
+    )
+
+
+def add_workers_arg(parser: argparse.ArgumentParser) -> None:
+    """``--num-workers``: image-decoding processes, by default what fits this machine (every tool's)."""
+    parser.add_argument(
+        "--num-workers",
+        type=whole(0),
+        default=default_workers(),
+        help="decoding processes (fits this machine)",
     )
 
 

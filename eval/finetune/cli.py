@@ -22,11 +22,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from dino_train.runtime.cli import HelpFormatter, default_workers
+from dino_train.runtime.cli import HelpFormatter
 from dino_train.runtime.files import check_writable_dir
 from eval.common import (
     add_backbone_args,
     add_size_args,
+    add_workers_arg,
     run_tool,
     setup_process,
 )
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-grad", type=NON_NEGATIVE, default=0.0, help="max gradient norm (0: no clipping)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: bf16 on a GPU that has it (else fp16), fp32 on the CPU")  # fmt: skip
-    p.add_argument("--num-workers", type=whole(0), default=default_workers(), help="decoding processes")
+    add_workers_arg(p)
     add_size_args(p)
     p.add_argument("--seed", type=whole(0), default=0, help="classifier init, data order, augmentations")
     p.add_argument("--output-dir", default="runs/finetune", help="results, weights, checkpoint, TensorBoard")

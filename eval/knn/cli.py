@@ -24,11 +24,12 @@ from dino_train.data import eval_transform
 from dino_train.data.labelled import class_folders
 from dino_train.measure.knn import KNN_KS, KNN_TEMPERATURE
 from dino_train.measure.knn_bank import classify_bank, extract_bank
-from dino_train.runtime.cli import HelpFormatter, default_workers
+from dino_train.runtime.cli import HelpFormatter
 from dino_train.runtime.files import atomic_save, check_writable_dir, write_json
 from eval.common import (
     add_backbone_args,
     add_size_args,
+    add_workers_arg,
     backbone_from_args,
     backbone_record,
     eval_sizes,
@@ -55,12 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--temperature", type=POSITIVE, default=KNN_TEMPERATURE, help="votes weigh exp(cosine / T)"
     )
     p.add_argument("--batch-size", type=whole(1), default=64, help="images per forward pass, per process")
-    p.add_argument(
-        "--num-workers",
-        type=whole(0),
-        default=default_workers(),
-        help="decoding processes (fits this machine)",
-    )
+    add_workers_arg(p)
     add_size_args(p)
     p.add_argument("--dump-features", metavar="DIR", help=f"save the features to DIR/{FEATURES_FILE}")
     p.add_argument(

@@ -30,11 +30,12 @@ import torch
 from dino_train.data import eval_transform
 from dino_train.data.labelled import ClassFolders, class_folders
 from dino_train.measure.features import extract_features
-from dino_train.runtime.cli import HelpFormatter, default_workers
+from dino_train.runtime.cli import HelpFormatter
 from dino_train.runtime.files import atomic_save, check_writable_dir
 from eval.common import (
     add_backbone_args,
     add_size_args,
+    add_workers_arg,
     backbone_from_args,
     eval_sizes,
     run_tool,
@@ -90,12 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--avgpool", choices=["auto", "yes", "no", "both"], default="auto", help="auto: ViT-B only"
     )
     p.add_argument("--batch-size", type=whole(1), default=128, help="images per step, per process")
-    p.add_argument(
-        "--num-workers",
-        type=whole(0),
-        default=default_workers(),
-        help="decoding processes (fits this machine)",
-    )
+    add_workers_arg(p)
     add_size_args(p)
     p.add_argument(
         "--cached-features", action="store_true", help="train on centre-crop features, no augmentation"

@@ -35,10 +35,11 @@ from torch import nn
 from dino_train.measure.features import FeatureFn, extract_features
 from dino_train.measure.knn import faiss_topk
 from dino_train.models.backbone import NotAViTError
-from dino_train.runtime.cli import HelpFormatter, default_workers
+from dino_train.runtime.cli import HelpFormatter
 from dino_train.runtime.files import check_writable_dir, write_json
 from eval.common import (
     add_backbone_args,
+    add_workers_arg,
     backbone_from_args,
     backbone_record,
     print_table,
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size", type=whole(1), default=16, help="images per forward pass (1 for thumbnail)"
     )
-    p.add_argument("--num-workers", type=whole(0), default=default_workers(), help="decoding processes")
+    add_workers_arg(p)
     p.add_argument("--output-dir", help=f"write {RESULTS_FILE} here")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if seen")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
