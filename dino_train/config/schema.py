@@ -154,6 +154,21 @@ class GramConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distillation (DINOv3's, as dinov2's before it): a frozen, trained teacher of any size or family our
+    tools load gives the targets of DINO's (and iBOT's) loss in place of the EMA teacher. The student's EMA
+    is still kept: it is what checkpoints hold as ``teacher`` and what the eval tools score."""
+
+    # A checkpoint whose teacher has its DINO head: ours (checkpoint.pth) or the release's full
+    # checkpoint; or timm:NAME with ``weights`` such a file. A backbone without its head gets one first
+    # by continued pretraining with the backbone frozen (docs/distillation.md); "" is off.
+    teacher: str = ""
+    weights: str = ""  # the local file of a timm:NAME teacher (nothing is downloaded)
+    # Which network of a full checkpoint teaches.
+    checkpoint_key: Literal["teacher", "student"] = "teacher"
+
+
+@dataclass
 class TrainConfig:
     epochs: int = setting(100, positive)
     # auto: bf16 (fp16 without) on CUDA; on the CPU bf16 if it measures faster, else fp32.
@@ -214,5 +229,6 @@ class Config:
     dino: DinoConfig = field(default_factory=DinoConfig)
     ibot: IBOTConfig = field(default_factory=IBOTConfig)
     gram: GramConfig = field(default_factory=GramConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)

@@ -86,3 +86,28 @@ def _init_linear(module: nn.Module) -> None:
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+def head_from_state_dict(sd: dict[str, torch.Tensor]) -> DINOHead:
+    """A DINOHead shaped like the weights ``sd`` (``mlp.*`` and ``last_layer.weight_g/_v``, the release's
+    names and ours), with them loaded: its layers, widths and BatchNorm are read from the shapes, so a
+    head can be taken from any checkpoint without the config that made it. A ValueError says what is
+    missing."""
+    if "last_layer.weight_v" not in sd or "last_layer.weight_g" not in sd:
+        raise ValueError("no prototype layer (last_layer.weight_g / last_layer.weight_v)")
+    out_dim, bottleneck = sd["last_layer.weight_v"].shape
+    if "mlp.weight" in sd:  # one layer: the mlp is a single Linear
+        in_dim, nlayers, hidden, use_bn = sd["mlp.weight"].shape[1], 1, 0, False
+    else:
+        linears = sorted(
+            int(k.split(".")[1]) for k, v in sd.items() if k.startswith("mlp.") and k.endswith(".weight")
+            and v.dim() == 2
+        )  # fmt: skip
+        if not linears:
+            raise ValueError("no mlp layers (mlp.<i>.weight)")
+        first = sd[f"mlp.{linears[0]}.weight"]
+        in_dim, hidden, nlayers = first.shape[1], first.shape[0], len(linears)
+        use_bn = any(k.startswith("mlp.") and k.endswith(".running_mean") for k in sd)
+    head = DINOHead(int(in_dim), int(out_dim), use_bn, True, nlayers, int(hidden or 1), int(bottleneck))
+    head.load_state_dict(sd)
+    return head

@@ -25,6 +25,7 @@ from dino_train.models.backbone import check_crop_size
 from dino_train.runtime import distributed as D
 from dino_train.runtime.distributed import DistEnv
 from dino_train.runtime.precision import make_scaler
+from dino_train.train.distill import load_teacher
 from dino_train.train.gram import GramTeacher
 from dino_train.train.init_weights import init_from_file
 from dino_train.train.objective import Objective
@@ -60,6 +61,17 @@ def _set_attention(model: nn.Module, mode: str, device: torch.device) -> None:
             block.attn.fused_attn = fused
 
 
+def _check_crops(cfg: Config, student: nn.Module) -> None:
+    for key, size in (
+        ("data.global_crops_size", cfg.data.global_crops_size),
+        ("data.local_crops_size", cfg.data.local_crops_size),
+    ):
+        try:
+            check_crop_size(student.backbone, size, key)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+
+
 def build_modules(cfg: Config, env: DistEnv, device: torch.device, precision: str) -> TrainModules:
     """Student (DDP-wrapped with several processes), teacher, objective, optimizer and scaler; the
     ``init_note`` of the result says what ``model.init_weights`` loaded."""
@@ -70,22 +82,19 @@ def build_modules(cfg: Config, env: DistEnv, device: torch.device, precision: st
     if m.init_weights:
         note = init_from_file(student, m.init_weights, m.init_strict, m.init_head)
         teacher.load_state_dict(student.state_dict())  # the teacher starts equal to the student
-    for key, size in (
-        ("data.global_crops_size", cfg.data.global_crops_size),
-        ("data.local_crops_size", cfg.data.local_crops_size),
-    ):
-        try:
-            check_crop_size(student.backbone, size, key)
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
+    _check_crops(cfg, student)
+    # Before any other compute: a teacher that does not fit is a ConfigError.
+    distilled, record = load_teacher(cfg, student) if cfg.distill.teacher else (None, None)
     has_bn = any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in student.modules())
     if has_bn and device.type == "cuda" and env.world_size > 1:
         # SyncBatchNorm refuses CPU modules, so it is only used on GPUs.
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
     student, teacher = student.to(device), teacher.to(device)
-    for model in (student, teacher):
-        _set_attention(model, t.fused_attention, device)
+    distilled = distilled.to(device) if distilled is not None else None
+    for model in (student, teacher, distilled):
+        if model is not None:
+            _set_attention(model, t.fused_attention, device)
     if t.grad_checkpointing:
         # Only the student trains; the teacher runs under no_grad and keeps no activations anyway.
         student.backbone.set_grad_checkpointing(True)
@@ -114,6 +123,7 @@ def build_modules(cfg: Config, env: DistEnv, device: torch.device, precision: st
         sharded=sharded,
     )
     mods.init_note = note
+    mods.distill_teacher, mods.distill_record = distilled, record
     if cfg.gram.weight:  # after the teacher is on its device (and initialised from a file, if asked)
         mods.gram = GramTeacher(cfg.gram, teacher.backbone)
     return mods

@@ -51,6 +51,11 @@ def check_fsdp(cfg: Config, precision: str) -> None:
         raise ConfigError(
             "gram.weight: Gram anchoring's frozen teacher copy is not sharded yet; use train.sharding=ddp"
         )
+    if cfg.distill.teacher:
+        raise ConfigError(
+            "distill.teacher: the frozen teacher is not sharded yet; use train.sharding=ddp (every rank "
+            "holds the teacher)"
+        )
     if cfg.monitor.knn_data or cfg.monitor.attention_images:
         key = "monitor.knn_data" if cfg.monitor.knn_data else "monitor.attention_images"
         raise ConfigError(

@@ -15,6 +15,8 @@ from dino_train.models import WeightNormLinear, model_spec
 from dino_train.runtime.distributed import DistEnv
 from dino_train.runtime.files import CheckpointError, strip_prefix, with_prefix
 from dino_train.train.checkpoint import FORMAT_VERSION
+from dino_train.train.distill import CHECKPOINT_KEY as DISTILL_KEY
+from dino_train.train.distill import check_resumed
 from dino_train.train.sharding import SHARDED_KEY, restore_sharded
 from dino_train.train.step import TrainModules
 
@@ -82,12 +84,16 @@ def checkpoint_state(state: TrainState, cfg: Config, weights: dict[str, Any] | N
         ckpt["ibot_loss"] = mods.objective.ibot.state_dict()
     if mods.gram is not None:
         ckpt["gram_teacher"] = mods.gram.state_dict()
+    if mods.distill_record is not None:
+        ckpt[DISTILL_KEY] = dict(mods.distill_record)
     if mods.scaler is not None:
         ckpt["fp16_scaler"] = mods.scaler.state_dict()
     return ckpt
 
 
 def restore(mods: TrainModules, ckpt: dict[str, Any], path: Path) -> None:
+    if mods.distill_record is not None:
+        check_resumed(mods.distill_record, ckpt.get(DISTILL_KEY), path)
     if mods.sharded or SHARDED_KEY in ckpt:  # an FSDP run, or a run resuming an FSDP run's checkpoint
         restore_sharded(mods, ckpt, path)
         return

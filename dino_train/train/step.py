@@ -15,6 +15,7 @@ from dino_train.core.metrics import dino_metrics, feature_std
 from dino_train.core.schedules import StepValues
 from dino_train.models.wrapper import CropOutputs
 from dino_train.runtime.precision import autocast
+from dino_train.train.distill import copy_buffers_
 from dino_train.train.gram import GramTeacher
 from dino_train.train.objective import LossTerms, Objective
 from dino_train.train.optim import apply_step_values, cancel_frozen_grads, clip_gradients
@@ -41,6 +42,10 @@ class TrainModules:
     init_note: str = ""  # what model.init_weights loaded, for the run's log
     sharded: bool = False  # FSDP2 on student and teacher (train.sharding=fsdp)
     gram: GramTeacher | None = None  # Gram anchoring's frozen snapshot (gram.weight > 0)
+    # distill.teacher: the frozen teacher whose outputs are the targets (``teacher`` is then the student's
+    # EMA, kept for evaluation), and its record for the checkpoint.
+    distill_teacher: nn.Module | None = None
+    distill_record: dict | None = None
 
     def __post_init__(self) -> None:
         # Fixed lists, built once: the EMA and clipping walk them every step. Under FSDP the EMA lists
@@ -68,7 +73,8 @@ def _forward(
     gram_targets = None
     with autocast(s.precision, s.device):
         with torch.no_grad():
-            teacher = m.teacher(crops[:2], patches=patches, outputs=True)  # global crops, never masked
+            source = m.distill_teacher if m.distill_teacher is not None else m.teacher
+            teacher = source(crops[:2], patches=patches, outputs=True)  # global crops, never masked
             if m.sharded:
                 reshard(m.teacher)
             if gram is not None:
@@ -123,6 +129,8 @@ def train_step(
         m.optimizer.step()
     if finite:
         ema_update_(m.teacher_params, m.student_params, values.momentum)
+        if m.distill_teacher is not None:
+            copy_buffers_(m.teacher, m.student_plain)
         m.objective.update(passes.teachers)
     mean = lambda xs: torch.stack(xs).mean()  # noqa: E731
     return StepOutput(
