@@ -77,3 +77,43 @@ def test_a_damaged_store_is_named(backbone_file, tiny_data, tmp_path, one_thread
     meta.write_text('{"format": "dino-feature-store", "version": 1}')
     with pytest.raises(CheckpointError, match="store.json lacks num_images, grid, dim, patch_size, classes"):
         open_store(folder)
+
+
+def test_a_dump_killed_mid_extraction_is_never_read_as_whole(backbone_file, tiny_data, tmp_path, one_thread):
+    """kill -9 while the patch tokens stream to disk: the store says it did not finish, --load-features
+    finds nothing to score, and the same command run again writes what an uninterrupted run writes."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import ENV, kill_tree
+
+    def argv(out):
+        return ["--checkpoint", str(backbone_file), "--data", str(tiny_data), "--ks", "1", "--resize", "32",
+                "--crop", "32", "--num-workers", "0", "--batch-size", "1", "--no-progress",
+                "--dump-features", str(out), "--patch-tokens"]  # fmt: skip
+
+    assert knn_main(argv(tmp_path / "whole")) == 0
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "eval.knn", *argv(cut)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    tokens = cut / PATCH_DIR / "train" / "patch_tokens.npy"
+    deadline = time.monotonic() + 120
+    while not tokens.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    kill_tree(proc)  # the store is being written: its file exists, store.json does not yet
+    proc.wait(timeout=30)
+    assert proc.returncode not in (0, None), "the extraction finished before it could be killed"
+    with pytest.raises(CheckpointError, match="did not finish"):
+        open_store(cut / PATCH_DIR / "train")
+    with pytest.raises(SystemExit) as err:
+        knn_main(["--load-features", str(cut), "--ks", "1"])
+    assert err.value.code != 0 and not (cut / FEATURES_FILE).exists()
+
+    assert knn_main(argv(cut)) == 0  # the same command again
+    for split in ("train", "val"):
+        a, b = open_store(tmp_path / "whole" / PATCH_DIR / split), open_store(cut / PATCH_DIR / split)
+        assert torch.equal(a.patch_tokens, b.patch_tokens) and torch.equal(a.features, b.features)
+    whole = torch.load(tmp_path / "whole" / FEATURES_FILE, weights_only=True)
+    again = torch.load(cut / FEATURES_FILE, weights_only=True)
+    assert torch.equal(whole["train_feats"], again["train_feats"])
