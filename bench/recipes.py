@@ -77,8 +77,9 @@ def random_row(args: argparse.Namespace, overrides: list[str]) -> dict:
     """The floor: a randomly initialised backbone of the recipe's shape, scored the same way."""
     import torch
 
-    from dino_train.config import ConfigError, knn_sizes, load_config, position_grid_size
-    from dino_train.models import build_from_spec, model_spec
+    from dino_train.config import ConfigError, knn_sizes, load_config
+    from dino_train.models import build_from_spec
+    from dino_train.train.spec import run_spec
     from eval.scorecard import score_backbone
 
     try:
@@ -86,7 +87,7 @@ def random_row(args: argparse.Namespace, overrides: list[str]) -> dict:
     except ConfigError as e:  # the recipe's own run will say the same; the sweep goes on
         return {"name": "random init", "overrides": overrides, "error": [str(e)]}
     torch.manual_seed(cfg.train.seed + 1)
-    model = build_from_spec(model_spec(cfg.model, position_grid_size(cfg))).eval()
+    model = build_from_spec(run_spec(cfg)).eval()
     return {
         "name": "random init",
         "overrides": overrides,

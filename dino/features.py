@@ -8,14 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from dino_train.data import ImageDataset, eval_transform
+from dino_train.data import ImageDataset
+from dino_train.data.band_augment import eval_preprocess
+from dino_train.data.bands import BandDataset, BandStats, load_band_stats, read_bands, stats_from_record
 from dino_train.data.datasets import load_rgb, to_rgb
 from dino_train.data.transforms import resize_for
 from dino_train.measure.feature_store import cls_and_patch_tokens, open_store, stream_features
@@ -42,17 +46,23 @@ class Features:
 
 
 class _ImageList(Dataset):
-    """Paths and/or PIL images through one transform; label -1 (unlabelled), as a flat folder."""
+    """Paths and/or PIL images through one transform; label -1 (unlabelled), as a flat folder. Paths are
+    read by ``reader`` (RGB, or a multi-band backbone's bands)."""
 
-    def __init__(self, items: Sequence[str | Path | Image.Image], transform: Callable[[Image.Image], Tensor]):
-        self.items, self.transform = list(items), transform
+    def __init__(
+        self,
+        items: Sequence[str | Path | Image.Image],
+        transform: Callable[[Any], Tensor],
+        reader: Callable[[Path], Any] = load_rgb,
+    ):
+        self.items, self.transform, self.reader = list(items), transform, reader
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         item = self.items[i]
-        img = to_rgb(item) if isinstance(item, Image.Image) else load_rgb(Path(item))
+        img = to_rgb(item) if isinstance(item, Image.Image) else self.reader(Path(item))
         return self.transform(img), -1
 
 
@@ -75,23 +85,51 @@ def _cls_and_patches(model: nn.Module, images: Tensor) -> Tensor:
     return torch.cat([cls[:, None], patches], dim=1)
 
 
-def _dataset(images: ImagesInput, image_size: int, resize: int | None) -> Dataset:
+def _dataset(images: ImagesInput, image_size: int, resize: int | None, stats: BandStats | None) -> Dataset:
     # The rule of every evaluation door (eval_knn --crop/--resize, training's k-NN monitor).
-    transform = eval_transform(resize=resize or resize_for(image_size), crop=image_size)
+    transform = eval_preprocess(stats, resize or resize_for(image_size), image_size)
+    bands = 3 if stats is None else stats.channels
     if isinstance(images, Tensor):
         batch = images.unsqueeze(0) if images.ndim == 3 else images
-        if batch.ndim != 4 or batch.shape[1] != 3:
-            raise ValueError(f"an image tensor must be (N, 3, H, W) or (3, H, W); got {tuple(images.shape)}")
+        if batch.ndim != 4 or batch.shape[1] != bands:
+            raise ValueError(
+                f"an image tensor must be (N, {bands}, H, W) or ({bands}, H, W); got {tuple(images.shape)}"
+            )
         return _Batch(batch.float())
+    if not isinstance(images, str | Path | Image.Image):
+        images = list(images)
+    pil = isinstance(images, Image.Image) or (
+        isinstance(images, list) and any(isinstance(i, Image.Image) for i in images)
+    )
+    if stats is not None and pil:
+        raise ValueError(f"a {bands}-band backbone reads files (or a tensor), not PIL images")
+    reader = load_rgb if stats is None else partial(read_bands, channels=bands)
     if isinstance(images, str | Path):
         path = Path(images)
-        return ImageDataset(path, transform) if not path.is_file() else _ImageList([path], transform)
+        if path.is_file():
+            return _ImageList([path], transform, reader)
+        return ImageDataset(path, transform) if stats is None else BandDataset(path, bands, transform)
     if isinstance(images, Image.Image):
         return _ImageList([images], transform)
-    items = list(images)
-    if not items:
+    if not images:
         raise ValueError("no images given")
-    return _ImageList(items, transform)
+    return _ImageList(images, transform, reader)
+
+
+def _band_stats(model: nn.Module, band_stats: BandStats | str | Path | None) -> BandStats | None:
+    """The statistics given, else those recorded in the file the model was loaded from (None: RGB)."""
+    if isinstance(band_stats, BandStats):
+        return band_stats
+    if band_stats is not None:
+        return load_band_stats(band_stats)
+    info = getattr(model, "load_info", None) or {}
+    if info.get("input_stats") is not None:
+        return stats_from_record(info["input_stats"], str(info.get("path")))
+    if int(info.get("in_chans") or 3) != 3:
+        raise ValueError(
+            f"{info.get('path')} is a multi-band backbone without band statistics: pass band_stats="
+        )
+    return None
 
 
 def extract_features(
@@ -105,6 +143,7 @@ def extract_features(
     device: torch.device | str | None = None,
     progress: bool = True,
     out: str | Path | None = None,
+    band_stats: BandStats | str | Path | None = None,
 ) -> Features:
     """Features of every image, with a progress bar.
 
@@ -122,12 +161,15 @@ def extract_features(
     ``out``: with ``patch_tokens``, a folder the patch tokens are streamed to as they are computed (float16,
     never all in memory: for large folders); ``patch_tokens`` is then memory-mapped from it, and
     ``dino_train.measure.feature_store.open_store(out)`` reopens it later.
+    ``band_stats``: a multi-band backbone's per-band statistics (a ``dino-data-stats`` file or
+    ``BandStats``); default those its checkpoint records. Its images are N-band files read as training
+    read them (docs/multiband.md), or a (N, C, H, W) tensor already normalised.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if patch_tokens and not (hasattr(model, "forward_features") and hasattr(model, "num_prefix_tokens")):
         raise ValueError(f"patch_tokens=True needs a timm ViT; {type(model).__name__} has no patch tokens")
-    dataset = _dataset(images_or_folder, image_size, resize)
+    dataset = _dataset(images_or_folder, image_size, resize, _band_stats(model, band_stats))
     device = torch.device(device) if device is not None else model_device(model)
     model.to(device)
     if out is not None:

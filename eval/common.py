@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from dino_train.data import DataError
+from dino_train.data.bands import BandStats, load_band_stats, stats_from_record
 from dino_train.data.transforms import resize_for
 from dino_train.runtime.cli import default_workers
 from dino_train.runtime.device import pick_device
@@ -114,11 +115,59 @@ def add_backbone_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", help="local weights file for --arch timm:<name> (nothing is downloaded)")
     g.add_argument("--non-strict", action="store_true", help="load the weights that fit and report the rest")
     g.add_argument(
+        "--band-stats",
+        help="per-band statistics (dino-data-stats) for a multi-band backbone whose file does not record "
+        "them; ours do",
+    )
+    g.add_argument(
         "--trust-checkpoint",
         action="store_true",
         help="UNSAFE: also unpickle Python objects other than the release's plain args; this runs code "
         "from the file, so use it only for a file you made or trust (default: such files are refused)",
     )
+
+
+def band_inputs(info: dict[str, Any], args: argparse.Namespace) -> tuple[BandStats | None, int | None]:
+    """How to read and normalise the images for this backbone: (None, None) for an RGB one; for a
+    multi-band one (docs/multiband.md) its per-band statistics, recorded in the file by training or
+    given by ``--band-stats FILE``, and its number of bands. An N-band backbone without statistics is
+    an error saying where to get them."""
+    given = getattr(args, "band_stats", None)
+    bands = int(info.get("in_chans") or 3)
+    if given:
+        try:
+            stats = load_band_stats(given, bands)
+        except DataError as err:
+            raise SystemExit(f"error: --band-stats: {err}") from err
+        return stats, bands
+    recorded = info.get("input_stats")
+    if recorded is not None:
+        try:
+            stats = stats_from_record(recorded, f"{info.get('path')}: its recorded input_stats")
+        except DataError as err:
+            raise SystemExit(f"error: {err}") from err
+        if stats.channels != bands:
+            raise SystemExit(
+                f"error: {info.get('path')}: statistics for {stats.channels} bands, model takes {bands}"
+            )
+        return stats, bands
+    if bands != 3:
+        raise SystemExit(
+            f"error: {info.get('path')} is a {bands}-band backbone without recorded band statistics: give "
+            f"--band-stats FILE (dino-data-stats TRAIN_DIR --channels {bands} --out FILE)"
+        )
+    return None, None
+
+
+def refuse_bands(info: dict[str, Any], tool: str) -> None:
+    """For the tools that read RGB images only: a multi-band backbone is a clear error, not a shape
+    mismatch deep inside the first forward."""
+    bands = int(info.get("in_chans") or 3)
+    if bands != 3 or info.get("input_stats") is not None:
+        raise SystemExit(
+            f"error: {tool} reads RGB images; {info.get('path')} is a {bands}-band backbone. Multi-band "
+            "backbones are scored by eval_knn, eval_linear and dino.extract_features (docs/multiband.md)"
+        )
 
 
 def backbone_from_args(args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any]]:

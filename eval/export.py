@@ -5,8 +5,8 @@
 
 - ``hf``: ``config.json`` and ``model.safetensors`` in the layout of the hub's ``facebook/dino-vits16``;
   ``transformers.ViTModel.from_pretrained(DIR)`` loads it (release-style ViTs, no registers).
-- ``onnx``: ``model.onnx``, (batch, 3, S, S) images -> (batch, D) features, dynamic batch axis; checked
-  against torch with onnxruntime when it is installed.
+- ``onnx``: ``model.onnx``, (batch, C, S, S) images (C = 3, or a multi-band backbone's bands) -> (batch,
+  D) features, dynamic batch axis; checked against torch with onnxruntime when it is installed.
 - ``timm``: ``model.safetensors`` and ``timm_config.json`` (the timm name and kwargs);
   ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=DIR/"model.safetensors"),
   num_classes=0, **kwargs)`` loads it.
@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dino_train.models.loading import input_bands
 from dino_train.runtime.cli import HelpFormatter
 from dino_train.runtime.files import CheckpointError, check_writable_dir, write_json
 from eval.common import add_backbone_args, backbone_from_args, run_tool
@@ -57,7 +58,7 @@ def hf_config(model: nn.Module) -> dict[str, Any]:
         "layer_norm_eps": float(blk.norm1.eps),
         "image_size": int(model.patch_embed.img_size[0]),
         "patch_size": int(model.patch_embed.patch_size[0]),
-        "num_channels": 3,
+        "num_channels": input_bands(model),
         "qkv_bias": blk.attn.qkv.bias is not None,
         "hidden_dropout_prob": 0.0,
         "attention_probs_dropout_prob": 0.0,
@@ -95,7 +96,7 @@ def export_hf(model: nn.Module, out: Path) -> list[Path]:
 
 
 def export_onnx(model: nn.Module, out: Path, image_size: int) -> list[Path]:
-    x = torch.randn(2, 3, image_size, image_size)
+    x = torch.randn(2, input_bands(model), image_size, image_size)
     path, tmp = out / "model.onnx", out / ".model.onnx.tmp"
     torch.onnx.export(
         model, (x,), str(tmp), input_names=["images"], output_names=["features"],
@@ -120,7 +121,7 @@ def check_onnx(model: nn.Module, path: Path, image_size: int) -> float | None:
         import onnxruntime as ort
     except ImportError:
         return None
-    x = torch.randn(3, 3, image_size, image_size)
+    x = torch.randn(3, input_bands(model), image_size, image_size)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {"images": x.numpy()})[0]
     with torch.no_grad():
@@ -157,6 +158,8 @@ def _run(args: argparse.Namespace) -> None:
     files = export(model, info, args.format, args.output, args.image_size)
     record = {"format": args.format, "source": info["path"], "checkpoint_key": info.get("checkpoint_key")}
     record |= {"arch": info["arch"], "timm_name": info["timm_name"], "files": [f.name for f in files]}
+    if info.get("input_stats") is not None:  # a multi-band backbone: its inputs' per-band normalisation
+        record["input_stats"] = info["input_stats"]
     if args.format == "onnx":
         record["onnxruntime_max_abs_diff"] = check_onnx(model, files[0], args.image_size)
     write_json(args.output / "export.json", record)

@@ -20,14 +20,15 @@ from typing import Any
 
 import torch
 
-from dino_train.config import Config, ConfigError, knn_sizes, load_config, position_grid_size
+from dino_train.config import Config, ConfigError, knn_sizes, load_config
 from dino_train.data import DataError, generate_embedded_dataset
 from dino_train.data.embedded import DEFAULT_VERSION, VERSIONS
 from dino_train.measure.jaccard import PRIOR, describe_references
-from dino_train.models import build_from_spec, model_spec
+from dino_train.models import build_from_spec
 from dino_train.runtime.cli import HelpFormatter
 from dino_train.runtime.files import CheckpointError, write_json
 from dino_train.train import TrainResult, train
+from dino_train.train.spec import run_spec
 from eval.scorecard import JACCARD, JACCARD_BRIGHTER, JACCARD_DARKER
 
 REPO = Path(__file__).resolve().parents[1]
@@ -199,7 +200,7 @@ def training_curve(out: Path, cfg: Config) -> dict[str, Any]:
 
 def random_backbone(cfg: Config) -> torch.nn.Module:
     torch.manual_seed(cfg.train.seed + 1)
-    return build_from_spec(model_spec(cfg.model, position_grid_size(cfg))).eval()
+    return build_from_spec(run_spec(cfg)).eval()
 
 
 def compare_to_random(teacher: torch.nn.Module, cfg: Config, root: Path) -> dict[str, dict[str, float]]:

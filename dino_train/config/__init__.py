@@ -10,7 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dino_train.config.derived import RunPlan, knn_sizes, plan_run, position_grid_size, scaled_lr, validate
+from dino_train.config.derived import (
+    RunPlan,
+    knn_sizes,
+    plan_run,
+    position_grid_size,
+    scaled_lr,
+    uses_bands,
+    validate,
+)
 from dino_train.config.fields import ConfigError
 from dino_train.config.merge import merge_into, parse_override, plain, save_yaml
 from dino_train.config.schema import (
@@ -79,5 +87,6 @@ __all__ = [
     "save_config",
     "scaled_lr",
     "to_dict",
+    "uses_bands",
     "validate",
 ]

@@ -48,6 +48,20 @@ def validate(cfg: Config) -> None:
                   ("gram.weight", cfg.gram.weight))  # fmt: skip
         for key, on in tokens:
             _check(not on, key, f"needs a ViT's patch tokens; {m.arch} has none (set it to 0)")
+    if uses_bands(cfg):
+        stats_hint = f"dino-data-stats {d.path or 'DATA'} --channels {d.channels} --out FILE"
+        _check(
+            bool(d.band_stats),
+            "data.band_stats",
+            f"data.channels={d.channels} needs per-band statistics: {stats_hint}, then data.band_stats=FILE",
+        )
+        _check(d.format == "folder", "data.format", "multi-band images are read from folders, not shards")
+        _check(
+            d.augment_device in ("auto", "cpu"),
+            "data.augment_device",
+            f"multi-band augmentation runs in the loader (auto or cpu), not {d.augment_device}",
+        )
+        _check("in_chans" not in m.timm_kwargs, "model.timm_kwargs", "in_chans comes from data.channels")
     if m.arch in RELEASE_ARCHS:  # a timm model's patch size is known once it is built (models.backbone)
         for key, size in (
             ("model.img_size", position_grid_size(cfg)),
@@ -57,6 +71,11 @@ def validate(cfg: Config) -> None:
             _check(
                 size % m.patch_size == 0, key, f"{size} is not a multiple of model.patch_size={m.patch_size}"
             )
+
+
+def uses_bands(cfg: Config) -> bool:
+    """Whether the run reads N-band files (data.channels, data.band_stats) instead of RGB images."""
+    return cfg.data.channels != 3 or bool(cfg.data.band_stats)
 
 
 def scaled_lr(lr: float, batch_size_per_gpu: int, world_size: int) -> float:

@@ -84,6 +84,12 @@ class DataConfig:
     # the GPU after the transfer when training on CUDA, in the loader workers otherwise; "cpu" / "cuda"
     # force either; "pil" is the release's PIL pipeline, kept for fidelity checks.
     augment_device: Literal["auto", "cpu", "cuda", "pil"] = "auto"
+    # Images that are not RGB (docs/multiband.md): the number of bands per image, read from .npy, .npz,
+    # multi-page TIFF or greyscale files, normalised by the per-band mean and std that dino-data-stats
+    # computes from the data and writes to the file band_stats names (recorded in every checkpoint).
+    # 3 bands without band_stats is RGB with ImageNet's statistics and colour augmentation.
+    channels: int = setting(3, positive)
+    band_stats: str = ""
 
 
 @dataclass

@@ -46,18 +46,20 @@ def load_rgb(path: Path) -> Image.Image:
         return to_rgb(img)
 
 
-def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+def _is_image(p: Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> bool:
+    return p.is_file() and p.suffix.lower() in extensions
 
 
-def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if _is_image(p))
+def _images_under(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if _is_image(p, extensions))
 
 
 class ImageDataset(Dataset):
     """Labelled when ``root`` holds class sub-folders of images (classes sorted by name), unlabelled
     (label -1, ``classes == []``) when it holds image files directly. Items are ``(transform(img), label)``
-    with the image converted to RGB."""
+    with the image converted to RGB (``load``; ``bands.BandDataset`` reads N-band files instead)."""
+
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
 
     def __init__(self, root: str | Path, transform: Callable[[Image.Image], Any] | None = None):
         self.root = Path(root)
@@ -66,7 +68,7 @@ class ImageDataset(Dataset):
             raise DataError(f"data path {self.root} does not exist")
         if not self.root.is_dir():
             raise DataError(f"data path {self.root} is a file, not a folder of images")
-        flat = sorted(p for p in self.root.iterdir() if _is_image(p))
+        flat = sorted(p for p in self.root.iterdir() if _is_image(p, self.extensions))
         subdirs = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         self.classes: list[str] = []
         self.samples: list[tuple[Path, int]] = []
@@ -80,7 +82,7 @@ class ImageDataset(Dataset):
                 )
         else:
             for d in subdirs:
-                files = _images_under(d)
+                files = _images_under(d, self.extensions)
                 if not files:
                     warnings.warn(f"class folder {d} has no images; skipped", stacklevel=2)
                     continue
@@ -89,14 +91,18 @@ class ImageDataset(Dataset):
                 self.samples.extend((p, label) for p in files)
         if not self.samples:
             raise DataError(
-                f"no images found in {self.root} (looked for {', '.join(IMAGE_EXTENSIONS)} directly inside "
+                f"no images found in {self.root} (looked for {', '.join(self.extensions)} directly inside "
                 "it or in class sub-folders)"
             )
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def load(self, path: Path) -> Any:
+        """One file as this data set's items hold it (RGB here); raises one of ``UNREADABLE``."""
+        return load_rgb(path)
+
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
-        img = load_rgb(path)
+        img = self.load(path)
         return (self.transform(img) if self.transform is not None else img), label

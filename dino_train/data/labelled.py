@@ -29,10 +29,17 @@ class ClassFolders:
         return table[labels.long()]
 
 
-def class_folders(train_root: str | Path, val_root: str | Path, train_tf: Any, val_tf: Any) -> ClassFolders:
-    """Open both splits. Classes present in val but not in train are warned about, not fatal."""
-    train = ImageDataset(train_root, train_tf)
-    val = ImageDataset(val_root, val_tf)
+def class_folders(
+    train_root: str | Path, val_root: str | Path, train_tf: Any, val_tf: Any, channels: int | None = None
+) -> ClassFolders:
+    """Open both splits, of RGB images or, with ``channels``, of N-band files (``bands.BandDataset``).
+    Classes present in val but not in train are warned about, not fatal."""
+    if channels is None:
+        train, val = ImageDataset(train_root, train_tf), ImageDataset(val_root, val_tf)
+    else:
+        from dino_train.data.bands import BandDataset
+
+        train, val = BandDataset(train_root, channels, train_tf), BandDataset(val_root, channels, val_tf)
     for split in (train, val):
         if not split.classes:
             raise DataError(f"{split.root} holds images but no class sub-folders; evaluation needs labels")

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import DataLoader
 
-from dino_train.data.datasets import UNREADABLE, DataError, ImageDataset, load_rgb
+from dino_train.data.datasets import UNREADABLE, DataError, ImageDataset
 from dino_train.data.photometric import RawCrops, finish_crops
 from dino_train.data.sampler import MultiCropDataset, ResumableSampler
 from dino_train.data.tensor_augment import DraftImageDataset, TensorMultiCrop
@@ -67,7 +67,7 @@ def probe_readable(dataset: ImageDataset, n: int = 32) -> None:
     errors = []
     for path, _ in tried:
         try:
-            load_rgb(path)
+            dataset.load(path)
             return
         except UNREADABLE as err:
             errors.append(f"{path}: {type(err).__name__}: {err}")

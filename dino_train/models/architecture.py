@@ -87,6 +87,9 @@ def infer_vit(sd: Weights, path: Path | str) -> Inferred:
         kwargs["reg_tokens"] = registers
     if no_embed_class:
         kwargs["no_embed_class"] = True
+    chans = int(sd["patch_embed.proj.weight"].shape[1])
+    if chans != 3:  # a multi-band backbone (data.channels)
+        kwargs["in_chans"] = chans
     if "blocks.0.ls1.gamma" in sd:  # layer scale (dinov2); the value is the file's
         kwargs["init_values"] = 1e-5
     spec = backbone_spec(arch, patch, grid * patch, kwargs)
@@ -99,7 +102,9 @@ def infer_resnet(sd: Weights) -> Inferred | None:
     name = _RESNETS.get(("layer1.0.conv3.weight" in sd, stages))
     if name is None:
         return None
-    return Inferred(BackboneSpec(name), "resnet", name, sum(stages))
+    chans = int(sd["conv1.weight"].shape[1])
+    kwargs = {"in_chans": chans} if chans != 3 else {}  # a multi-band backbone (data.channels)
+    return Inferred(BackboneSpec(name, kwargs), "resnet", name, sum(stages), extra=kwargs)
 
 
 def infer_xcit(sd: Weights) -> Inferred | None:
@@ -135,8 +140,12 @@ def from_recorded(recorded: Any) -> Inferred | None:
     """The backbone our checkpoints record (``{"timm_name", "kwargs"}``), or None."""
     if not isinstance(recorded, dict) or not isinstance(recorded.get("timm_name"), str):
         return None
+    stats = recorded.get("input_stats")
     spec = BackboneSpec(
-        recorded["timm_name"], dict(recorded.get("kwargs") or {}), recorded.get("pos_embed", "release")
+        recorded["timm_name"],
+        dict(recorded.get("kwargs") or {}),
+        recorded.get("pos_embed", "release"),
+        stats if isinstance(stats, dict) else None,
     )
     patch, img = spec.kwargs.get("patch_size"), spec.kwargs.get("img_size")
     return Inferred(spec, "recorded", spec.timm_name, 0, patch, img)

@@ -40,9 +40,15 @@ class BackboneSpec:
     timm_name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
     pos_embed: str = "release"  # how a ViT resizes its position grid (dino_train.models.pos_embed)
+    # The per-band {"mean": [...], "std": [...]} a multi-band backbone was trained on (data.band_stats):
+    # its inputs' normalisation, which evaluation must repeat; None for RGB with ImageNet's.
+    input_stats: dict[str, list[float]] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"timm_name": self.timm_name, "kwargs": dict(self.kwargs), "pos_embed": self.pos_embed}
+        record = {"timm_name": self.timm_name, "kwargs": dict(self.kwargs), "pos_embed": self.pos_embed}
+        if self.input_stats is not None:
+            record["input_stats"] = {k: list(v) for k, v in self.input_stats.items()}
+        return record
 
 
 def is_known_arch(arch: str) -> bool:

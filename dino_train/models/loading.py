@@ -198,8 +198,16 @@ def _spec_for(
     return (recorded or seen).spec, inferred
 
 
+def input_bands(model: nn.Module) -> int:
+    """The number of bands a backbone's first convolution takes (3 for RGB models)."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return int(first.in_channels) if first is not None else 3
+
+
 def _finish(model: nn.Module, info: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
     vit = isinstance(model, VisionTransformer)
+    info.setdefault("in_chans", input_bands(model))
+    info.setdefault("input_stats", None)
     info.setdefault("embed_dim", int(getattr(model, "num_features", 0)))
     info.setdefault("depth", len(getattr(model, "blocks", [])))
     info.setdefault("patch_size", int(model.patch_embed.patch_size[0]) if vit else None)
@@ -261,6 +269,7 @@ def load_backbone(
         "ignored_keys": dropped,
         "notes": notes,
         "epoch": obj["epoch"] if used_key and isinstance(obj.get("epoch"), int) else None,
+        "input_stats": spec.input_stats,  # a multi-band backbone's per-band normalisation
         **report,
     }
     return _finish(model, info)

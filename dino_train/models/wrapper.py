@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -12,6 +13,7 @@ from dino_train.models.head import DINOHead
 
 if TYPE_CHECKING:
     from dino_train.config import IBOTConfig, ModelConfig
+    from dino_train.data.bands import BandStats
 
 
 class CropOutputs(NamedTuple):
@@ -122,20 +124,28 @@ class MultiCropWrapper(nn.Module):
         return CropOutputs(self.head(features), features, patch_logits, None, kept)
 
 
-def model_spec(m: ModelConfig, img_size: int) -> BackboneSpec:
-    """The backbone a model section describes, with the position grid covering ``img_size`` pixels."""
+def model_spec(
+    m: ModelConfig, img_size: int, channels: int = 3, input_stats: BandStats | None = None
+) -> BackboneSpec:
+    """The backbone a model section describes, with the position grid covering ``img_size`` pixels, for
+    images of ``channels`` bands normalised by ``input_stats`` (None: RGB with ImageNet's)."""
     kwargs = dict(m.timm_kwargs)
     if m.num_registers:
         kwargs["reg_tokens"] = m.num_registers
-    return backbone_spec(m.arch, m.patch_size, img_size, kwargs, m.pos_embed_interpolation)
+    if channels != 3:
+        kwargs["in_chans"] = channels
+    spec = backbone_spec(m.arch, m.patch_size, img_size, kwargs, m.pos_embed_interpolation)
+    if input_stats is None:
+        return spec
+    return replace(spec, input_stats=input_stats.as_dict())
 
 
 def build_student_teacher(
-    m: ModelConfig, img_size: int, ibot: IBOTConfig | None = None
+    m: ModelConfig, img_size: int, ibot: IBOTConfig | None = None, channels: int = 3
 ) -> tuple[MultiCropWrapper, MultiCropWrapper]:
     """Student (with drop path) and teacher (without), the teacher initialised equal and frozen. With an
     ``ibot`` section whose loss is on, both get a mask token and, if asked, a separate patch head."""
-    spec = model_spec(m, img_size)
+    spec = model_spec(m, img_size, channels)
     use_ibot = ibot is not None and ibot.loss_weight > 0
 
     def head(dim: int, out_dim: int) -> DINOHead:

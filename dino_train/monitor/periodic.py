@@ -13,6 +13,8 @@ from torch import Tensor, nn
 
 from dino_train.config import Config, knn_sizes
 from dino_train.data import DataError, ImageDataset, eval_transform
+from dino_train.data.band_augment import eval_preprocess
+from dino_train.data.bands import BandStats
 from dino_train.data.embedded import MASKS
 from dino_train.data.labelled import class_folders
 from dino_train.measure.attention import colorize, denormalize, summarize, upsample, vit_patch_size
@@ -41,14 +43,16 @@ class PeriodicKNN(EpochHook):
     cfg: Config
     monitor: Monitor
     device: torch.device
+    stats: BandStats | None = None  # a multi-band run's data.band_stats
 
     def __post_init__(self) -> None:
         root = Path(self.cfg.monitor.knn_data)
         for split in ("train", "val"):
             if not (root / split).is_dir():
                 raise DataError(f"monitor.knn_data: {root / split} is not a folder (need train/ and val/)")
-        transform = eval_transform(*knn_sizes(self.cfg))
-        self.data = class_folders(root / "train", root / "val", transform, transform)
+        transform = eval_preprocess(self.stats, *knn_sizes(self.cfg))
+        channels = None if self.stats is None else self.cfg.data.channels
+        self.data = class_folders(root / "train", root / "val", transform, transform, channels)
 
     def evaluate(self, backbone: nn.Module) -> dict[int, tuple[float, float]]:
         mon = self.cfg.monitor

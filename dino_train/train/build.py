@@ -19,6 +19,8 @@ from dino_train.data import (
     build_tensor_pretrain_loader,
     resolve_augment_device,
 )
+from dino_train.data.band_augment import BandMultiCrop
+from dino_train.data.bands import BandDataset, BandStats
 from dino_train.data.shards import build_shard_loader
 from dino_train.models import build_student_teacher
 from dino_train.models.backbone import check_crop_size
@@ -31,14 +33,16 @@ from dino_train.train.init_weights import init_from_file
 from dino_train.train.objective import Objective
 from dino_train.train.optim import build_optimizer
 from dino_train.train.sharding import check_fsdp, shard_model
+from dino_train.train.spec import run_spec
 from dino_train.train.step import TrainModules
 
 
 def build_loader(
-    d: DataConfig, seed: int, env: DistEnv, device: torch.device
+    d: DataConfig, seed: int, env: DistEnv, device: torch.device, stats: BandStats | None = None
 ) -> tuple[DataLoader, ResumableSampler]:
     """The multi-crop loader on the path ``data.augment_device`` names for a run training on ``device``
-    (with ``cuda`` its batches hold RawCrops: finish them with ``data.crops_to_device``)."""
+    (with ``cuda`` its batches hold RawCrops: finish them with ``data.crops_to_device``); with ``stats``
+    (``spec.run_band_stats``), the multi-band loader of ``data.band_augment``."""
     try:
         mode = resolve_augment_device(d.augment_device, device)
     except ValueError as err:
@@ -46,6 +50,10 @@ def build_loader(
     crops = (d.global_crops_size, d.global_crops_scale, d.local_crops_number, d.local_crops_size,
              d.local_crops_scale, d.solarize_p, d.solarize_threshold)  # fmt: skip
     rest = (d.batch_size_per_gpu, d.num_workers, seed, env.rank, env.world_size, device.type == "cuda")
+    if stats is not None:  # N-band files: read, cropped and jittered per band in the loader
+        augment = BandMultiCrop(stats, *crops[:6])
+        base = BandDataset(d.path, d.channels)
+        return build_pretrain_loader(d.path, augment, *rest, base=base)
     if d.format == "shards":  # a ShardStream plays the sampler's part (set_epoch, set_start_batch)
         return build_shard_loader(d.path, mode, crops, *rest, shuffle_buffer=d.shuffle_buffer)
     if mode == "pil":
@@ -78,7 +86,7 @@ def build_modules(cfg: Config, env: DistEnv, device: torch.device, precision: st
     note = ""
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     m, t = cfg.model, cfg.train
-    student, teacher = build_student_teacher(m, position_grid_size(cfg), cfg.ibot)
+    student, teacher = build_student_teacher(m, position_grid_size(cfg), cfg.ibot, cfg.data.channels)
     if m.init_weights:
         note = init_from_file(student, m.init_weights, m.init_strict, m.init_head)
         teacher.load_state_dict(student.state_dict())  # the teacher starts equal to the student
@@ -124,6 +132,7 @@ def build_modules(cfg: Config, env: DistEnv, device: torch.device, precision: st
     )
     mods.init_note = note
     mods.distill_teacher, mods.distill_record = distilled, record
+    mods.input_stats = run_spec(cfg).input_stats
     if cfg.gram.weight:  # after the teacher is on its device (and initialised from a file, if asked)
         mods.gram = GramTeacher(cfg.gram, teacher.backbone)
     return mods

@@ -11,14 +11,14 @@ from typing import Protocol
 
 import torch
 
-from dino_train.config import Config, position_grid_size
+from dino_train.config import Config
 from dino_train.core.schedules import StepValues
-from dino_train.models import model_spec
 from dino_train.monitor.health import CollapseDetector
 from dino_train.monitor.logger import Monitor
 from dino_train.runtime import distributed as D
 from dino_train.runtime.signals import StopSignals
 from dino_train.train.checkpoint import BACKBONE_EXPORT, CheckpointManager, export_backbone
+from dino_train.train.spec import run_spec
 from dino_train.train.state import TrainState, checkpoint_state
 from dino_train.train.step import StepOutput
 
@@ -185,7 +185,7 @@ class Checkpoints(BaseHook):
     def save(self, state: TrainState, keep_epoch: int | None = None) -> None:
         if self.is_main:
             self.manager.save(checkpoint_state(state, self.cfg), state.step, keep_epoch)
-            spec = model_spec(self.cfg.model, position_grid_size(self.cfg))
+            spec = run_spec(self.cfg)
             export_backbone(
                 state.mods.teacher.backbone, Path(self.cfg.train.output_dir) / BACKBONE_EXPORT, spec
             )

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from dino_train.config import Config, Precision, plan_run, save_config
+from dino_train.data.bands import save_band_stats
 from dino_train.data.photometric import crops_to_device
 from dino_train.data.sampler import mix_seed
 from dino_train.models.backbone import patch_size_of
@@ -39,6 +40,7 @@ from dino_train.train.hooks import (
     StopVote,
 )
 from dino_train.train.sharded_checkpoint import ShardedCheckpoints
+from dino_train.train.spec import run_band_stats
 from dino_train.train.state import RunContext, TrainState, resume
 from dino_train.train.step import StepSettings, train_step
 
@@ -128,7 +130,8 @@ class Run:
         env = ctx.env
         if env.is_main:  # before any compute: a read-only or mistyped folder is a one-line error
             check_writable_dir(self.out, "train.output_dir")
-        self.loader, self.sampler = build_loader(cfg.data, cfg.train.seed, env, ctx.device)
+        stats = run_band_stats(cfg)
+        self.loader, self.sampler = build_loader(cfg.data, cfg.train.seed, env, ctx.device, stats)
         plan = plan_run(cfg, env.world_size, self.sampler.batches_per_epoch)
         mods = build_modules(cfg, env, ctx.device, ctx.precision)
         self.state = TrainState(mods, build_run_schedules(cfg, plan), plan)
@@ -158,12 +161,17 @@ class Run:
             StopVote(self.stop, env.world_size, self.ctx.device),
             EpochLog(monitor, env.rank),
         ]
+        stats = run_band_stats(cfg)
         if cfg.monitor.knn_data:
-            hooks.append(PeriodicKNN(cfg, monitor, self.ctx.device))
+            hooks.append(PeriodicKNN(cfg, monitor, self.ctx.device, stats))
             teacher = self.state.mods.teacher.backbone
-            if env.is_main and (jaccard := PeriodicJaccard.for_run(cfg, monitor, teacher)) is not None:
+            # Attention against masks and over images is drawn on RGB images: multi-band runs skip it.
+            jaccard = (
+                PeriodicJaccard.for_run(cfg, monitor, teacher) if stats is None and env.is_main else None
+            )
+            if jaccard is not None:
                 hooks.append(jaccard)
-        if cfg.monitor.attention_images and env.is_main:
+        if cfg.monitor.attention_images and env.is_main and stats is None:
             hooks.append(AttentionImages(cfg, monitor))
         saver = ShardedCheckpoints if self.state.mods.sharded else Checkpoints  # FSDP: every rank saves
         hooks.append(saver(self.manager, cfg, env.is_main))  # last: after the epoch's evaluations
@@ -174,6 +182,8 @@ class Run:
         if env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
+            if (stats := run_band_stats(cfg)) is not None:  # stored with the run, beside its config
+                save_band_stats(stats, self.out / "band_stats.json", {"source": cfg.data.band_stats})
         start = min(self.state.step, plan.total_steps)
         monitor = Monitor(self.out, env.is_main, plan.total_steps, start, cfg.train.progress_bar)
         if env.is_main:

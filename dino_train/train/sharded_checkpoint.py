@@ -24,13 +24,12 @@ from typing import Any
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from dino_train.config import position_grid_size
-from dino_train.models import model_spec
 from dino_train.runtime import distributed as D
 from dino_train.runtime.files import with_prefix
 from dino_train.train.checkpoint import BACKBONE_EXPORT, export_backbone
 from dino_train.train.hooks import Checkpoints
 from dino_train.train.sharding import SHARDED_KEY, training_state
+from dino_train.train.spec import run_spec
 from dino_train.train.state import TrainState, checkpoint_state
 
 SHARDED_DIR = "sharded"
@@ -63,7 +62,7 @@ class ShardedCheckpoints(Checkpoints):
             ckpt[SHARDED_KEY] = f"{SHARDED_DIR}/{name}"
             self.manager.save(ckpt, state.step, keep_epoch)
             backbone = {k[len("backbone.") :]: v for k, v in teacher.items() if k.startswith("backbone.")}
-            spec = model_spec(self.cfg.model, position_grid_size(self.cfg))
+            spec = run_spec(self.cfg)
             export_backbone(backbone, out / BACKBONE_EXPORT, spec)
             self._prune(out / SHARDED_DIR)
         D.barrier()  # no rank runs ahead into a step while rank 0 still writes

@@ -9,15 +9,16 @@ from typing import Any
 
 import torch
 
-from dino_train.config import Config, RunPlan, position_grid_size, to_dict
+from dino_train.config import Config, RunPlan, to_dict
 from dino_train.core.schedules import Schedules
-from dino_train.models import WeightNormLinear, model_spec
+from dino_train.models import WeightNormLinear
 from dino_train.runtime.distributed import DistEnv
 from dino_train.runtime.files import CheckpointError, strip_prefix, with_prefix
 from dino_train.train.checkpoint import FORMAT_VERSION
 from dino_train.train.distill import CHECKPOINT_KEY as DISTILL_KEY
 from dino_train.train.distill import check_resumed
 from dino_train.train.sharding import SHARDED_KEY, restore_sharded
+from dino_train.train.spec import run_spec
 from dino_train.train.step import TrainModules
 
 
@@ -77,7 +78,7 @@ def checkpoint_state(state: TrainState, cfg: Config, weights: dict[str, Any] | N
         "samples_seen": state.step * plan.total_batch,
         "dino_loss": mods.objective.dino.state_dict(),
         "config": to_dict(cfg),
-        "backbone": model_spec(cfg.model, position_grid_size(cfg)).as_dict(),
+        "backbone": run_spec(cfg).as_dict(),
         "format_version": FORMAT_VERSION,
     }
     if mods.objective.uses_patches:
@@ -91,9 +92,22 @@ def checkpoint_state(state: TrainState, cfg: Config, weights: dict[str, Any] | N
     return ckpt
 
 
+def _stats_text(stats: dict | None) -> str:
+    if stats is None:
+        return "ImageNet's RGB statistics"
+    return f"per-band mean {stats.get('mean')} and std {stats.get('std')}"
+
+
 def restore(mods: TrainModules, ckpt: dict[str, Any], path: Path) -> None:
     if mods.distill_record is not None:
         check_resumed(mods.distill_record, ckpt.get(DISTILL_KEY), path)
+    recorded = (ckpt.get("backbone") or {}).get("input_stats")
+    if recorded != mods.input_stats:
+        raise CheckpointError(
+            f"{path} was trained on inputs normalised by {_stats_text(recorded)}; this run's data.band_stats "
+            f"gives {_stats_text(mods.input_stats)}. Resuming would change what its inputs mean: point "
+            "data.band_stats at the statistics the run started with, or train.output_dir elsewhere."
+        )
     if mods.sharded or SHARDED_KEY in ckpt:  # an FSDP run, or a run resuming an FSDP run's checkpoint
         restore_sharded(mods, ckpt, path)
         return

@@ -46,6 +46,8 @@ class TrainModules:
     # EMA, kept for evaluation), and its record for the checkpoint.
     distill_teacher: nn.Module | None = None
     distill_record: dict | None = None
+    # data.band_stats' values for a multi-band run (None for RGB): a resume must find the same ones.
+    input_stats: dict | None = None
 
     def __post_init__(self) -> None:
         # Fixed lists, built once: the EMA and clipping walk them every step. Under FSDP the EMA lists

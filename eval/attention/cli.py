@@ -44,6 +44,7 @@ from eval.common import (
     backbone_from_args,
     backbone_record,
     print_table,
+    refuse_bands,
     run_tool,
     settings_record,
 )
@@ -82,6 +83,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.output_dir:  # before any work: an unusable folder fails now, not after the evaluation
         check_writable_dir(args.output_dir, "--output-dir")
     model, info = backbone_from_args(args)
+    refuse_bands(info, "eval_attention")
     device = pick_device(args.device)
     model = unwrap_vit(model).to(device)
     result = folder_jaccard(model, args.images, args.masks, args.image_size or None, args.threshold)

@@ -20,7 +20,7 @@ from dino_train.runtime.files import check_writable_dir
 from dino_train.runtime.progress import use_progress_bar
 from eval.attention.figures import open_image, write_image_outputs
 from eval.attention.video import VIDEO_EXTENSIONS, VisualizeError, video_frames, write_attention_video
-from eval.common import add_backbone_args, backbone_from_args, run_tool
+from eval.common import add_backbone_args, backbone_from_args, refuse_bands, run_tool
 from eval.flags import POSITIVE, whole
 
 
@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> list[Path]:
         frames, fps, total = video_frames(src)
     elif args.video_frames:
         frames, fps, total = (open_image(f) for f in frame_paths), None, len(frame_paths)
-    model, _ = backbone_from_args(args)
+    model, info = backbone_from_args(args)
+    refuse_bands(info, "visualize_attention")
     try:
         model = unwrap_vit(model).to(pick_device(args.device))
     except TypeError as err:

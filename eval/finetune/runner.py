@@ -15,7 +15,7 @@ from dino_train.data.labelled import class_folders
 from dino_train.models.backbone import check_crop_size
 from dino_train.runtime.distributed import all_reduce_sum
 from dino_train.runtime.files import atomic_save
-from eval.common import backbone_from_args, eval_sizes, settings_record, split_roots
+from eval.common import backbone_from_args, eval_sizes, refuse_bands, settings_record, split_roots
 from eval.finetune.model import FineTuneModel, param_groups, set_drop_path
 from eval.finetune.report import BEST_FILE, Progress, backbone_spec_record, identity_of
 from eval.finetune.train import (
@@ -66,6 +66,7 @@ class FineTune:
         try:  # flags first: a bad one fails before the checkpoint is read
             train_tf = train_transform(crop, args.randaugment, args.reprob)
             backbone, self.info = backbone_from_args(args)
+            refuse_bands(self.info, "eval_finetune")
             check_crop_size(backbone, crop, "--crop")
         except ValueError as err:
             raise SystemExit(f"error: {err}") from None

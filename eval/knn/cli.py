@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from dino_train.data import eval_transform
+from dino_train.data.band_augment import eval_preprocess
 from dino_train.data.labelled import class_folders
 from dino_train.measure.knn import KNN_KS, KNN_TEMPERATURE
 from dino_train.measure.knn_bank import classify_bank, extract_bank
@@ -32,6 +32,7 @@ from eval.common import (
     add_workers_arg,
     backbone_from_args,
     backbone_record,
+    band_inputs,
     eval_sizes,
     print_table,
     run_tool,
@@ -97,8 +98,9 @@ def _run(args: argparse.Namespace) -> None:
         if env.is_main:
             print(f"backbone: {info['arch']} from {info['path']} ({info['source']})", flush=True)
         resize, crop = eval_sizes(args)
-        tf = eval_transform(resize=resize, crop=crop)
-        data = class_folders(*split_roots(args.data), tf, tf)
+        stats, channels = band_inputs(info, args)
+        tf = eval_preprocess(stats, resize, crop)
+        data = class_folders(*split_roots(args.data), tf, tf, channels)
         patches = Path(args.dump_features) / PATCH_DIR if args.patch_tokens else None
         bank = extract_bank(
             backbone, data, args.batch_size, args.num_workers, device, not args.no_progress, patches

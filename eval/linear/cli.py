@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from dino_train.data import eval_transform
+from dino_train.data.band_augment import band_train_transform, eval_preprocess
 from dino_train.data.labelled import ClassFolders, class_folders
 from dino_train.measure.features import extract_features
 from dino_train.runtime.cli import HelpFormatter
@@ -37,6 +37,7 @@ from eval.common import (
     add_size_args,
     add_workers_arg,
     backbone_from_args,
+    band_inputs,
     eval_sizes,
     run_tool,
     settings_record,
@@ -152,14 +153,16 @@ def _run(args: argparse.Namespace) -> None:
     if env.is_main:
         print(f"backbone: {info['arch']} from {info['path']} ({info['source']})", flush=True)
     resize, crop = eval_sizes(args)
-    val_tf = eval_transform(resize=resize, crop=crop)
-    train_tf = val_tf if args.cached_features else train_transform(crop)
-    data = class_folders(*split_roots(args.data), train_tf, val_tf)
+    stats, channels = band_inputs(info, args)
+    val_tf = eval_preprocess(stats, resize, crop)
+    augment = train_transform(crop) if stats is None else band_train_transform(stats, crop)
+    train_tf = val_tf if args.cached_features else augment
+    data = class_folders(*split_roots(args.data), train_tf, val_tf, channels)
     # The centre-crop train split, for the cached features and the statistics of --standardize; with
     # augmentation and --standardize it is a second view of the folder, opened only then.
     centre = data.train if args.cached_features else None
     if centre is None and args.standardize and not args.evaluate:
-        centre = class_folders(*split_roots(args.data), val_tf, val_tf).train
+        centre = class_folders(*split_roots(args.data), val_tf, val_tf, channels).train
     if args.evaluate:
         bank = partial(token_bank, backbone, args=args, device=device)  # (dataset, n) -> tokens, labels
         evaluate_only(args, info, data, bank, env.is_main, settings_record(args, device, env.world_size))

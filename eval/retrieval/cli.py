@@ -43,6 +43,7 @@ from eval.common import (
     backbone_from_args,
     backbone_record,
     print_table,
+    refuse_bands,
     run_tool,
     settings_record,
     setup_process,
@@ -258,6 +259,7 @@ def _run(args: argparse.Namespace) -> None:
         check_writable_dir(args.output_dir, "--output-dir")
     sets = load_sets(args)
     model, info = backbone_from_args(args)
+    refuse_bands(info, "eval_retrieval")
     if env.is_main:
         print(f"backbone: {info['arch']} from {info['path']} ({info['source']})", flush=True)
     start = time.perf_counter()

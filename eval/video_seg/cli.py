@@ -38,6 +38,7 @@ from eval.common import (
     backbone_from_args,
     backbone_record,
     print_table,
+    refuse_bands,
     run_tool,
     settings_record,
 )
@@ -187,6 +188,7 @@ def _run(args: argparse.Namespace) -> None:
     check_writable_dir(args.output_dir, "--output-dir")
     videos = vd.find_videos(args.videos, args.resolution, args.video_names, args.split)
     model, info = backbone_from_args(args)
+    refuse_bands(info, "eval_video_segmentation")
     device = pick_device(args.device, 0)
     model = model.to(device)
     print(
