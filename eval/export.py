@@ -17,6 +17,8 @@ Every file is written atomically; ``export.json`` records what was exported from
 from __future__ import annotations
 
 import argparse
+import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -152,9 +154,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_tool(lambda: _run(args), (ValueError,))
 
 
+def clear_previous_export(out: Path) -> None:
+    """Remove an earlier export from ``out``: its ``export.json`` first, then the files it lists. Each file
+    is written atomically and ``export.json`` last, so after an export cut short (kill -9) the folder
+    never pairs new files with an old record or an old model with a new config; the same command then
+    writes the whole set again."""
+    record_path = out / "export.json"
+    try:
+        listed = json.loads(record_path.read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        listed = []
+    record_path.unlink(missing_ok=True)
+    for name in listed if isinstance(listed, list) else []:
+        if isinstance(name, str) and Path(name).name == name:  # names inside out/ only, never a path
+            (out / name).unlink(missing_ok=True)
+    for stale in out.iterdir() if out.is_dir() else []:  # what an export cut short left half-written
+        if stale.is_file() and _TEMPORARY.match(stale.name):
+            stale.unlink(missing_ok=True)
+
+
+# The temporary names of an export's writes: ours (``.model.onnx.tmp``, ``.config.json.tmp-PID``) and
+# safetensors' (``.tmpXXXXXX``, renamed onto ours when whole).
+_TEMPORARY = re.compile(r"^\.(tmp[A-Za-z0-9]{6}|.+\.tmp(-\d+)?)$")
+
+
 def _run(args: argparse.Namespace) -> None:
     check_writable_dir(args.output, "--output")  # before the checkpoint is read
     model, info = backbone_from_args(args)
+    if args.format == "hf":
+        hf_config(model)  # its refusals (registers) before anything of an earlier export is removed
+    clear_previous_export(args.output)
     files = export(model, info, args.format, args.output, args.image_size)
     record = {"format": args.format, "source": info["path"], "checkpoint_key": info.get("checkpoint_key")}
     record |= {"arch": info["arch"], "timm_name": info["timm_name"], "files": [f.name for f in files]}

@@ -74,3 +74,68 @@ def test_timm_and_safetensors_exports_load_in_timm(vit_file, tmp_path, fmt):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(x), _ours(vit_file, x))
+
+
+def test_an_export_killed_midway_never_leaves_a_mixed_set(vit_file, tmp_path):
+    """kill -9 a re-export into the same folder the moment it has cleared the earlier export (ViT-S's
+    90 MB then take a fraction of a second to serialise and write): no record describes the folder,
+    none of the earlier export's files is left beside the new ones, nothing at a final name is
+    half-written, and the same command run again writes what an uninterrupted export writes."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import ENV
+
+    torch.manual_seed(1)
+    other = tmp_path / "small.pth"  # another model (ViT-S) than the first export's (ViT-Ti)
+    torch.save(build_backbone("vit_small", patch_size=16, img_size=64).state_dict(), other)
+    out, whole = tmp_path / "out", tmp_path / "whole"
+    assert export_main(["--checkpoint", str(vit_file), "--format", "timm", "--output", str(out)]) == 0
+    assert json.loads((out / "export.json").read_text())["source"] == str(vit_file)
+
+    argv = ["--checkpoint", str(other), "--format", "timm", "--output"]
+    proc = subprocess.Popen([sys.executable, "-m", "eval.export", *argv, str(out)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while (out / "export.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    time.sleep(0.02)  # the earlier files go next (milliseconds); the new weights take ~0.2 s to serialise
+    proc.kill()
+    proc.wait(timeout=30)
+    assert proc.returncode not in (0, None), "the export finished before it could be killed"
+    assert not (out / "export.json").exists()  # no record describes the folder any more
+
+    def made_from(name: str) -> str | None:  # which export a file left in the folder belongs to
+        if not (out / name).exists():
+            return None
+        if name == "timm_config.json":
+            return json.loads((out / name).read_text())["timm_name"].split("_")[1]
+        from safetensors.torch import load_file
+
+        return {192: "tiny", 384: "small"}[load_file(out / name)["cls_token"].shape[-1]]
+
+    left = {made_from(n) for n in ("model.safetensors", "timm_config.json")} - {None}
+    assert len(left) <= 1, f"files of two exports side by side: {left}"
+
+    assert export_main([*argv, str(out)]) == 0  # the same command again
+    assert export_main([*argv, str(whole)]) == 0
+    for name in ("model.safetensors", "timm_config.json"):
+        assert (out / name).read_bytes() == (whole / name).read_bytes(), name
+    assert json.loads((out / "export.json").read_text())["source"] == str(other)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # nor any temporary file
+
+
+def test_a_refused_export_leaves_the_earlier_one_in_place(vit_file, tmp_path):
+    """--format hf refuses a ViT with registers; the folder's earlier export is not removed for nothing."""
+    regs = tmp_path / "regs.pth"
+    torch.save(
+        build_backbone("vit_tiny", patch_size=16, img_size=64, timm_kwargs={"reg_tokens": 4}).state_dict(),
+        regs,
+    )
+    out = tmp_path / "out"
+    assert export_main(["--checkpoint", str(vit_file), "--format", "timm", "--output", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(SystemExit):
+        export_main(["--checkpoint", str(regs), "--format", "hf", "--output", str(out)])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
