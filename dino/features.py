@@ -24,6 +24,7 @@ from dino_train.data.datasets import load_rgb, to_rgb
 from dino_train.data.transforms import resize_for
 from dino_train.measure.feature_store import cls_and_patch_tokens, open_store, stream_features
 from dino_train.measure.features import extract_features as extract_dataset
+from dino_train.models.loading import input_bands
 from dino_train.runtime.device import model_device
 
 ImagesInput = str | Path | Sequence[str | Path | Image.Image] | Tensor
@@ -120,9 +121,9 @@ def _band_stats(model: nn.Module, band_stats: BandStats | str | Path | None) -> 
     """The statistics given, else those recorded in the file the model was loaded from (None: RGB)."""
     if isinstance(band_stats, BandStats):
         return band_stats
-    if band_stats is not None:
-        return load_band_stats(band_stats)
     info = getattr(model, "load_info", None) or {}
+    if band_stats is not None:
+        return load_band_stats(band_stats, input_bands(model))
     if info.get("input_stats") is not None:
         return stats_from_record(info["input_stats"], str(info.get("path")))
     if int(info.get("in_chans") or 3) != 3:

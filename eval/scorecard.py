@@ -21,6 +21,7 @@ from dino_train.data.transforms import resize_for
 from dino_train.measure.features import extract_features
 from dino_train.measure.jaccard import BRIGHTER, DARKER, folder_jaccard
 from dino_train.measure.knn_bank import evaluate_knn
+from dino_train.models.loading import input_bands
 from eval.linear.model import backbone_tokens, default_variant, max_blocks, variant_features
 from eval.linear.train import train_probe_in_memory
 
@@ -96,6 +97,11 @@ def score_backbone(model: nn.Module, root: str | Path, size: int, verbose: bool 
     the objects brighter and darker than the rest of their image, and the head-mean mask's.
     ``verbose``: print the sizes."""
     root = Path(root)
+    if input_bands(model) != 3:
+        raise ValueError(
+            f"the scorecard reads RGB images and masks; this backbone takes {input_bands(model)} bands "
+            "(score multi-band backbones with eval_knn and eval_linear, docs/multiband.md)"
+        )
     if verbose:
         print(sizes_line(size), flush=True)
     knn = evaluate_knn(

@@ -6,6 +6,7 @@ for bit, is refused on other statistics and is scored by eval_knn, eval_linear a
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -28,12 +29,13 @@ from dino_train.data.embedded_bands import generate_band_dataset
 from dino_train.data.sampler import seeded_call
 from dino_train.models.architecture import infer_backbone
 from dino_train.models.backbone import build_backbone
+from dino_train.runtime import distributed as D
 from dino_train.runtime.files import CheckpointError
 from dino_train.train import train
 from dino_train.train.init_weights import adapt_input_bands
 from eval.knn.cli import main as knn_main
 from eval.linear.cli import main as linear_main
-from tests.helpers import tiny_overrides
+from tests.helpers import fork_ranks, tiny_overrides
 
 # ---------------------------------------------------------------- reading files
 
@@ -127,10 +129,10 @@ def test_band_statistics_match_numpy_over_every_pixel(tmp_path):
 
 
 def test_the_per_band_ops_by_hand():
-    x = torch.tensor([[[1.0, 3.0]], [[10.0, 30.0]]])  # 2 bands of 1 x 2 pixels
+    x = torch.tensor([[[1.0, 3.0]], [[10.0, 30.0]]])  # 2 normalised bands of 1 x 2 pixels
     y = jitter_bands(x, torch.tensor([2.0, 1.0]), torch.tensor([1.0, 0.5]))
-    # band 0: brightness 2 -> [2, 6], contrast 1 keeps it; band 1: mean 20, contrast 0.5 -> [15, 25]
-    torch.testing.assert_close(y, torch.tensor([[[2.0, 6.0]], [[15.0, 25.0]]]))
+    # band 0: brightness 2 about -2 -> [4, 8], contrast 1 keeps it; band 1: mean 20, contrast 0.5 -> [15, 25]
+    torch.testing.assert_close(y, torch.tensor([[[4.0, 8.0]], [[15.0, 25.0]]]))
     torch.testing.assert_close(
         solarize_bands(torch.tensor([-1.0, 0.0, 2.0])), torch.tensor([-1.0, 0.0, -2.0])
     )
@@ -151,6 +153,18 @@ def test_multi_crop_gives_every_crop_its_bands_and_repeats_with_its_seed():
     assert all(torch.equal(a, b) for a, b in zip(crops, again, strict=True))
     assert not torch.equal(seeded_call(augment, img, 8)[0], crops[0])
     assert (crops[1] <= 0).all()  # global crop 2 always solarised (p 1): nothing above a band's mean left
+
+
+def test_a_crop_of_the_whole_image_leaves_the_image_as_it_was():
+    """torchvision returns a whole-image crop at the image's own size as a view of it: normalising in
+    place would normalise the sample itself, and every later crop of it twice."""
+    stats = BandStats((0.5,) * 3, (0.25,) * 3)
+    augment = BandMultiCrop(stats, 16, (1.0, 1.0), 2, 8, (0.1, 0.4), (0.0, 0.0, 0.0))
+    img = torch.rand(3, 16, 16)
+    before = img.clone()
+    crops = seeded_call(augment, img, 3)
+    assert torch.equal(img, before)
+    assert crops[0].mean().abs() < 3  # normalised once: values of a few stds, not -mean/std everywhere
 
 
 def test_an_rgb_patch_embedding_is_adapted_to_n_bands():
@@ -279,7 +293,7 @@ def test_a_multi_band_run_records_its_statistics_resumes_exactly_and_is_scored(b
                         "--masks", str(band_data / "val")])  # fmt: skip
 
 
-def test_multi_band_settings_are_checked_by_key(band_data, tmp_path):
+def test_multi_band_settings_are_checked_by_key(band_data, tiny_run, tmp_path):
     def refused(match, *extra):
         with pytest.raises(ConfigError, match=match):
             cfg = load_config(None, tiny_overrides(band_data, tmp_path / "r", *extra))
@@ -291,5 +305,23 @@ def test_multi_band_settings_are_checked_by_key(band_data, tmp_path):
             f"data.band_stats={band_data / 'stats.json'}")  # fmt: skip
     refused("data.format: multi-band images are read from folders", "data.channels=5", "data.format=shards",
             f"data.band_stats={band_data / 'stats.json'}")  # fmt: skip
+    rgb_teacher = tiny_run[0] / "checkpoint.pth"  # a teacher must see the student's bands
+    refused("distill.teacher: .* takes 3-band images; data.channels is 5", "data.channels=5",
+            f"data.band_stats={band_data / 'stats.json'}", f"distill.teacher={rgb_teacher}")  # fmt: skip
     refused("model.timm_kwargs: in_chans comes from data.channels", "data.channels=5",
             f"data.band_stats={band_data / 'stats.json'}", "model.timm_kwargs={in_chans: 5}")  # fmt: skip
+
+
+def _rank(rank: int, port: int, overrides: list[str]) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_PORT=str(port),
+                      MASTER_ADDR="127.0.0.1")  # fmt: skip
+    assert train(load_config(None, overrides)).step == 2  # 24 images, 2 x 8 a step: one step an epoch
+
+
+def test_two_gloo_ranks_train_on_bands(band_data, tmp_path):
+    """Each rank reads its share of the N-band files; the checkpoint records the bands and statistics."""
+    out = tmp_path / "run"
+    fork_ranks(_rank, D.free_port(), band_overrides(band_data, out, "train.num_threads=1"))
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["world_size"] == 2 and ckpt["backbone"]["kwargs"]["in_chans"] == 5
+    assert ckpt["backbone"]["input_stats"] == load_band_stats(band_data / "stats.json").as_dict()

@@ -2,9 +2,9 @@
 defined per band so that it means the same for 1, 4 or 13 bands.
 
 Per crop, as the release's RGB pipeline: RandomResizedCrop (bicubic, antialiased, the same boxes as
-``tensor_augment``), a horizontal flip with p 0.5, then with p 0.8 a brightness and a contrast factor
-drawn for each band on its own from U[0.6, 1.4] (ColorJitter's 0.4; a band's contrast about that band's
-crop mean), normalisation by the data set's per-band mean and std, Gaussian blur (p 1.0 / 0.1 / 0.5 on
+``tensor_augment``), a horizontal flip with p 0.5, normalisation by the data set's per-band mean and std,
+then with p 0.8 a brightness and a contrast factor drawn for each band on its own from U[0.6, 1.4]
+(ColorJitter's 0.4, in normalised units: see ``jitter_bands``), Gaussian blur (p 1.0 / 0.1 / 0.5 on
 global 1 / global 2 / locals, sigma U[0.1, 2] px) and solarisation (``data.solarize_p``): every value
 above its band's mean reflected about the mean, ``x -> -x`` in normalised units, as 8-bit solarisation
 reflects the values above mid-range about mid-range (``x -> 1 - x`` for ``x >= 0.5``). Saturation, hue
@@ -31,10 +31,18 @@ JITTER_P = 0.8
 JITTER_RANGE = (0.6, 1.4)  # ColorJitter(brightness=0.4, contrast=0.4)
 
 
+# Where a band's "black" sits, in its standard deviations below its mean: ImageNet's normalisation puts
+# 0 (black) 2.0 stds below the mean on average over R, G and B (0.485 / 0.229, 0.456 / 0.224, 0.406 /
+# 0.225). Brightness scales about this level, so a factor moves a band as far, in its own stds, as
+# ColorJitter moves an RGB channel, whatever the file's offset (a 16-bit band's zero may lie 50 stds away).
+BLACK_LEVEL = -2.0
+
+
 def jitter_bands(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor) -> torch.Tensor:
-    """(C, H, W) with one brightness and one contrast factor per band (C,): brightness scales a band,
-    contrast scales its deviation from the band's mean (torchvision's rules, one band at a time)."""
-    x = x * brightness.view(-1, 1, 1)
+    """Normalised (C, H, W) with one brightness and one contrast factor per band (C,): brightness scales
+    a band about ``BLACK_LEVEL`` (as torchvision's scales an RGB channel about black), contrast scales its
+    deviation from the band's mean in the image (torchvision's rule, one band at a time)."""
+    x = (x - BLACK_LEVEL) * brightness.view(-1, 1, 1) + BLACK_LEVEL
     mean = x.mean(dim=(-2, -1), keepdim=True)
     return (x - mean) * contrast.view(-1, 1, 1) + mean
 
@@ -78,9 +86,9 @@ class BandMultiCrop:
         if u[0] < 0.5:
             y = y.flip(-1)
         factors = JITTER_RANGE[0] + (JITTER_RANGE[1] - JITTER_RANGE[0]) * torch.rand(2, channels)
+        y = self.stats.normalize(y)
         if u[1] < JITTER_P:
             y = jitter_bands(y, factors[0], factors[1])
-        y = self.stats.normalize_(y.contiguous())
         if u[2] < self.blur_p[c]:
             sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[3]
             y = gaussian_blur(y[None], sigma.view(1))[0]
@@ -101,7 +109,7 @@ def band_eval_transform(
     def transform(x: torch.Tensor) -> torch.Tensor:
         y = TF.resize(x, [resize], InterpolationMode.BICUBIC, antialias=True)
         y = TF.center_crop(y, [crop, crop])
-        return stats.normalize_(y.contiguous())
+        return stats.normalize(y)
 
     return transform
 
@@ -116,7 +124,7 @@ def band_train_transform(
         y = TF.resized_crop(x, *box, [crop, crop], InterpolationMode.BICUBIC, antialias=True)
         if torch.rand(()) < 0.5:
             y = y.flip(-1)
-        return stats.normalize_(y.contiguous())
+        return stats.normalize(y)
 
     return transform
 

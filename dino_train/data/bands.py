@@ -127,12 +127,13 @@ class BandStats:
     def as_dict(self) -> dict[str, list[float]]:
         return {"mean": list(self.mean), "std": list(self.std)}
 
-    def normalize_(self, x: torch.Tensor) -> torch.Tensor:
-        """In place on (..., C, H, W): (x - mean) / std per band."""
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., C, H, W) -> (x - mean) / std per band, a new tensor: never in place, since a crop that
+        is the whole image at its own size comes back from torchvision as a view of the source."""
         shape = (-1, 1, 1)
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(shape)
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(shape)
-        return x.sub_(mean).div_(std)
+        return (x - mean) / std
 
 
 def stats_from_record(record: Any, where: str) -> BandStats:

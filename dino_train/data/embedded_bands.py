@@ -22,7 +22,7 @@ from dino_train.data.datasets import DataError
 SHAPES = ("disc", "square", "triangle", "ring", "cross", "diamond")
 MANIFEST = "manifest.json"
 FORMAT = "dino-embedded-bands"
-VERSION = 1
+VERSION = 2  # 2: 250 train and 50 val images per class (1: 60 and 25)
 
 
 def _shape_mask(name: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
@@ -85,8 +85,8 @@ def generate_band_dataset(
     channels: int = 6,
     informative: int = 3,
     classes: int = 4,
-    train_per_class: int = 60,
-    val_per_class: int = 25,
+    train_per_class: int = 250,
+    val_per_class: int = 50,
     size: int = 32,
     seed: int = 0,
 ) -> Path:

@@ -19,6 +19,7 @@ from dino_train.models.head import head_from_state_dict
 from dino_train.models.loading import load_backbone, read_file, select_state_dict
 from dino_train.models.wrapper import MultiCropWrapper
 from dino_train.runtime.files import CheckpointError, strip_prefix
+from dino_train.train.spec import run_band_stats
 
 CHECKPOINT_KEY = "distill_teacher"  # the checkpoint's record of the frozen teacher: path and fingerprint
 
@@ -75,6 +76,7 @@ def load_teacher(cfg: Config, student: MultiCropWrapper) -> tuple[MultiCropWrapp
             f"model.out_dim: the student's head must score the teacher's {out_dim} prototypes "
             f"({d.teacher}); set model.out_dim={out_dim} (got {cfg.model.out_dim})"
         )
+    _check_bands(cfg, info)
     teacher = MultiCropWrapper(backbone, head, patch_head)
     _check_patches(cfg, teacher, student)
     teacher.requires_grad_(False)
@@ -85,6 +87,24 @@ def load_teacher(cfg: Config, student: MultiCropWrapper) -> tuple[MultiCropWrapp
     record = {"path": str(d.teacher), "weights": d.weights, "fingerprint": fingerprint(teacher),
               "arch": info["arch"], "embed_dim": info["embed_dim"]}  # fmt: skip
     return teacher, record
+
+
+def _check_bands(cfg: Config, info: dict[str, Any]) -> None:
+    """A teacher sees the student's inputs: as many bands, normalised by the same statistics."""
+    bands = int(info.get("in_chans") or 3)
+    if bands != cfg.data.channels:
+        raise ConfigError(
+            f"distill.teacher: {cfg.distill.teacher} takes {bands}-band images; data.channels is "
+            f"{cfg.data.channels}"
+        )
+    stats = run_band_stats(cfg)
+    mine = stats.as_dict() if stats is not None else None
+    if info.get("input_stats") != mine:
+        raise ConfigError(
+            f"distill.teacher: {cfg.distill.teacher} was trained on inputs normalised otherwise "
+            f"({info.get('input_stats') or 'ImageNet RGB'}) than data.band_stats gives "
+            f"({mine or 'ImageNet RGB'})"
+        )
 
 
 def _check_patches(cfg: Config, teacher: MultiCropWrapper, student: MultiCropWrapper) -> None:
