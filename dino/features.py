@@ -19,8 +19,8 @@ from torch.utils.data import Dataset
 
 from dino_train.data import ImageDataset
 from dino_train.data.band_augment import eval_preprocess
-from dino_train.data.bands import BandDataset, BandStats, load_band_stats, read_bands, stats_from_record
-from dino_train.data.datasets import load_rgb, to_rgb
+from dino_train.data.bands import BandDataset, BandStats, backbone_band_stats, read_bands
+from dino_train.data.datasets import DataError, load_rgb, to_rgb
 from dino_train.data.transforms import resize_for
 from dino_train.measure.feature_store import cls_and_patch_tokens, open_store, stream_features
 from dino_train.measure.features import extract_features as extract_dataset
@@ -119,18 +119,11 @@ def _dataset(images: ImagesInput, image_size: int, resize: int | None, stats: Ba
 
 def _band_stats(model: nn.Module, band_stats: BandStats | str | Path | None) -> BandStats | None:
     """The statistics given, else those recorded in the file the model was loaded from (None: RGB)."""
-    if isinstance(band_stats, BandStats):
-        return band_stats
-    info = getattr(model, "load_info", None) or {}
-    if band_stats is not None:
-        return load_band_stats(band_stats, input_bands(model))
-    if info.get("input_stats") is not None:
-        return stats_from_record(info["input_stats"], str(info.get("path")))
-    if int(info.get("in_chans") or 3) != 3:
-        raise ValueError(
-            f"{info.get('path')} is a multi-band backbone without band statistics: pass band_stats="
-        )
-    return None
+    info = {"in_chans": input_bands(model), **(getattr(model, "load_info", None) or {})}
+    try:
+        return backbone_band_stats(info, band_stats, "pass band_stats=")
+    except DataError as err:
+        raise ValueError(str(err)) from err
 
 
 def extract_features(

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dino_train.data import DataError
-from dino_train.data.bands import BandStats, load_band_stats, stats_from_record
+from dino_train.data.bands import BandStats, backbone_band_stats
 from dino_train.data.transforms import resize_for
 from dino_train.runtime.cli import default_workers
 from dino_train.runtime.device import pick_device
@@ -134,29 +134,12 @@ def band_inputs(info: dict[str, Any], args: argparse.Namespace) -> tuple[BandSta
     an error saying where to get them."""
     given = getattr(args, "band_stats", None)
     bands = int(info.get("in_chans") or 3)
-    if given:
-        try:
-            stats = load_band_stats(given, bands)
-        except DataError as err:
-            raise SystemExit(f"error: --band-stats: {err}") from err
-        return stats, bands
-    recorded = info.get("input_stats")
-    if recorded is not None:
-        try:
-            stats = stats_from_record(recorded, f"{info.get('path')}: its recorded input_stats")
-        except DataError as err:
-            raise SystemExit(f"error: {err}") from err
-        if stats.channels != bands:
-            raise SystemExit(
-                f"error: {info.get('path')}: statistics for {stats.channels} bands, model takes {bands}"
-            )
-        return stats, bands
-    if bands != 3:
-        raise SystemExit(
-            f"error: {info.get('path')} is a {bands}-band backbone without recorded band statistics: give "
-            f"--band-stats FILE (dino-data-stats TRAIN_DIR --channels {bands} --out FILE)"
-        )
-    return None, None
+    hint = f"give --band-stats FILE (dino-data-stats TRAIN_DIR --channels {bands} --out FILE)"
+    try:
+        stats = backbone_band_stats(info, given, hint)
+    except DataError as err:
+        raise SystemExit(f"error: --band-stats: {err}" if given else f"error: {err}") from err
+    return (stats, bands) if stats is not None else (None, None)
 
 
 def refuse_bands(info: dict[str, Any], tool: str) -> None:

@@ -24,8 +24,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from dino_train.data.bands import BandStats
 from dino_train.data.photometric import BLUR_SIGMA, gaussian_blur
-from dino_train.data.tensor_augment import CROP_UNIFORMS, random_resized_crop_box
-from dino_train.data.transforms import check_solarize_p, eval_transform
+from dino_train.data.tensor_augment import CROP_UNIFORMS, TensorMultiCrop, random_resized_crop_box
+from dino_train.data.transforms import eval_transform
 
 JITTER_P = 0.8
 JITTER_RANGE = (0.6, 1.4)  # ColorJitter(brightness=0.4, contrast=0.4)
@@ -66,13 +66,11 @@ class BandMultiCrop:
         solarize_p: tuple[float, float, float] = (0.0, 0.2, 0.0),
     ):
         self.stats = stats
-        n = 2 + local_crops_number
-        self.sizes = [global_crops_size] * 2 + [local_crops_size] * local_crops_number
-        self.scales = [tuple(global_crops_scale)] * 2 + [tuple(local_crops_scale)] * local_crops_number
-        self.blur_p = [1.0, 0.1] + [0.5] * local_crops_number
-        g1, g2, local = check_solarize_p(solarize_p)
-        self.solarize_p = [g1, g2] + [local] * local_crops_number
-        self.n_crops = n
+        # The RGB tensor path's per-crop layout: sizes, scales and the blur and solarise probabilities.
+        layout = TensorMultiCrop(global_crops_size, global_crops_scale, local_crops_number, local_crops_size,
+                                 local_crops_scale, solarize_p)  # fmt: skip
+        self.sizes, self.scales, self.n_crops = layout.sizes, layout.scales, layout.n_crops
+        self.blur_p, self.solarize_p = layout.blur_p.tolist(), layout.solarize_p.tolist()
 
     def crop(self, x: torch.Tensor, c: int) -> torch.Tensor:
         """Crop number ``c`` (0, 1 global; 2.. local) of ``x``, drawing its parameters now."""

@@ -177,6 +177,30 @@ def load_band_stats(path: str | Path, channels: int | None = None) -> BandStats:
     return stats
 
 
+def backbone_band_stats(
+    info: dict[str, Any], given: BandStats | str | Path | None, hint: str
+) -> BandStats | None:
+    """The statistics a loaded backbone's inputs are normalised by (``info``: ``load_backbone``'s): those
+    ``given`` (a ``dino-data-stats`` file or BandStats), else those its file records, else None for an RGB
+    backbone; an N-band backbone with neither is a DataError ending with ``hint`` (how to give them)."""
+    bands = int(info.get("in_chans") or 3)
+    if isinstance(given, BandStats):
+        return given
+    if given:
+        return load_band_stats(given, bands)
+    recorded = info.get("input_stats")
+    if recorded is not None:
+        stats = stats_from_record(recorded, f"{info.get('path')}: its recorded input_stats")
+        if stats.channels != bands:
+            raise DataError(f"{info.get('path')}: statistics for {stats.channels} bands, model takes {bands}")
+        return stats
+    if bands != 3:
+        raise DataError(
+            f"{info.get('path')} is a {bands}-band backbone without recorded band statistics: {hint}"
+        )
+    return None
+
+
 def save_band_stats(stats: BandStats, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
     from dino_train.runtime.files import atomic_write_text
 
